@@ -1,0 +1,24 @@
+"""djinn_nb: pause, inspect, steer and resume a language model on a remote kernel server.
+
+>>> import djinn_nb as dj
+>>> client = dj.connect()                  # launches a local kernel server
+>>> s = client.session(model="tiny-gpt2")
+>>> s.breakpoint(layer=6)
+>>> ev = s.generate("The capital of France is", max_new_tokens=20)
+"""
+__version__ = "0.1.0"
+
+from .errors import (ConnectionLostError, DjinnError, InvalidArgumentError, InvalidEditError,
+                     LayerOutOfRangeError, LimitExceededError, NotPausedError, ServerError,
+                     SessionBusyError, SessionClosedError, StateError, UnknownModelError,
+                     UnknownSessionError, UnsupportedModelError)
+from .results import Finished, GenerationResult, Paused, StepRecord
+from .client import Client, connect
+from .session import Session
+
+__all__ = [
+    "connect", "Client", "Session", "Paused", "Finished", "GenerationResult", "StepRecord",
+    "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
+    "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",
+    "UnknownSessionError", "StateError", "NotPausedError", "SessionBusyError", "SessionClosedError",
+]

@@ -1,0 +1,177 @@
+"""The notebook client: ``connect()``, the ``Client`` connection, call accounting."""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from typing import Any
+
+from . import wire
+from .errors import ConnectionLostError, DjinnError, InvalidArgumentError, error_class
+
+DEFAULT_PORT = 18861
+#: client-side rpyc settings: nothing of ours is reachable from the server either
+CLIENT_CONFIG = {
+    "allow_public_attrs": False, "allow_all_attrs": False, "allow_safe_attrs": False,
+    "allow_setattr": False, "allow_delattr": False, "allow_pickle": False,
+    "import_custom_exceptions": False, "instantiate_custom_exceptions": False,
+    "include_local_traceback": False, "sync_request_timeout": None,
+}
+
+
+def _counting_stream(host: str, port: int, timeout: float):
+    """A SocketStream that counts the bytes it really sends and receives."""
+    from rpyc.core.stream import SocketStream
+
+    class CountingStream(SocketStream):
+        sent = 0
+        received = 0
+
+        def write(self, data):
+            CountingStream.sent += len(data)
+            return super().write(data)
+
+        def read(self, count):
+            data = super().read(count)
+            CountingStream.received += len(data)
+            return data
+
+    return CountingStream.connect(host, port, timeout=timeout), CountingStream
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    if not isinstance(address, str):
+        raise InvalidArgumentError(f"address must be 'host:port', got {address!r}")
+    host, _, port = address.rpartition(":")
+    if not host:
+        host, port = address, str(DEFAULT_PORT)
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise InvalidArgumentError(f"address must be 'host:port', got {address!r}") from None
+
+
+class Client:
+    """A connection to one kernel server. Open sessions with :meth:`session`."""
+
+    def __init__(self, address: str, timeout: float | None = None, local_server=None,
+                 connect_timeout: float = 10.0):
+        import rpyc
+        self.address = address
+        self._local_server = local_server
+        host, port = parse_address(address)
+        try:
+            stream, self._counter = _counting_stream(host, port, connect_timeout)
+        except OSError as exc:
+            raise ConnectionLostError(f"cannot reach a kernel server at {address}: {exc}. "
+                                      "Start one with `python -m kernel_server`, or call "
+                                      "dj.connect() with no address to launch a local one.") from None
+        config = dict(CLIENT_CONFIG, sync_request_timeout=timeout)
+        self._conn = rpyc.connect_stream(stream, rpyc.VoidService, config=config)
+        self._methods: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._rtts = collections.deque(maxlen=200)
+        self._closed = False
+        self.server_info = self._call("hello")
+
+    # ---- the one way to call the server --------------------------------------------------
+    def _call(self, name: str, **kwargs):
+        if self._closed:
+            raise ConnectionLostError("this client is closed; use dj.connect() again")
+        packed = wire.pack(kwargs)
+        t0 = time.perf_counter()
+        try:
+            method = self._methods.get(name)
+            if method is None:
+                method = self._methods[name] = getattr(self._conn.root, name)
+            reply = method(packed)
+        except (EOFError, OSError, ConnectionError) as exc:
+            raise ConnectionLostError(f"lost the connection to the kernel server at {self.address} "
+                                      f"({type(exc).__name__}: {exc}); client.reconnect() "
+                                      "once it is back") from None
+        except DjinnError:
+            raise
+        except Exception as exc:
+            # rpyc raises e.g. AsyncResultTimeout or its own errors for a dead link
+            raise ConnectionLostError(f"call {name} to {self.address} failed: "
+                                      f"{type(exc).__name__}: {exc}") from None
+        finally:
+            with self._lock:
+                self._calls += 1
+                self._rtts.append((time.perf_counter() - t0) * 1e3)
+        reply = wire.unpack(reply)
+        if "error" in reply:
+            err = reply["error"]
+            raise error_class(err["type"])(err["message"])
+        return reply["ok"]
+
+    # ---- public API ------------------------------------------------------------------------
+    def session(self, model: str | None = None) -> "Session":
+        """A new session on ``model`` (default: the server's default model)."""
+        from .session import Session
+        return Session(self, self._call("open_session", model=model))
+
+    def ping(self) -> float:
+        """One empty round trip, in milliseconds."""
+        t0 = time.perf_counter()
+        self._call("ping")
+        return (time.perf_counter() - t0) * 1e3
+
+    def stats(self) -> dict:
+        """Calls made, bytes on the socket each way, recent round trips (ms)."""
+        with self._lock:
+            rtts = list(self._rtts)
+        return {"calls": self._calls, "bytes_sent": self._counter.sent,
+                "bytes_received": self._counter.received, "rtt_ms": rtts,
+                "last_rtt_ms": rtts[-1] if rtts else None}
+
+    def reconnect(self) -> None:
+        """Open a new connection to the same address (sessions of the old one are gone)."""
+        old_server = self._local_server
+        self._close_conn()
+        self.__init__(self.address, local_server=old_server)
+
+    def _close_conn(self) -> None:
+        self._closed = True
+        try:
+            self._conn.close()
+        except Exception:
+            pass
+
+    def close(self) -> None:
+        """Close the connection; a server launched by ``connect()`` is stopped too."""
+        self._close_conn()
+        if self._local_server is not None:
+            self._local_server.stop()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        where = "local, launched" if self._local_server else "remote"
+        state = "closed" if self._closed else "open"
+        return (f"<djinn_nb.Client {self.address} ({where}, {state}) "
+                f"default model {self.server_info.get('default_model')}>")
+
+
+def connect(address: str | None = None, *, model: str | None = None, device: str | None = None,
+            dtype: str | None = None, timeout: float | None = None, progress: bool = True) -> Client:
+    """Connect to a kernel server at ``"host:port"``; with no address, launch a local one
+    (on ``model``, default the embedded smollm2-135m) that stops when the client closes."""
+    if address is not None:
+        return Client(address, timeout=timeout)
+    from .launcher import LocalServer
+    server = LocalServer(model=model, device=device, dtype=dtype, progress=progress)
+    try:
+        return Client(server.address, timeout=timeout, local_server=server)
+    except BaseException:
+        server.stop()
+        raise

@@ -1,0 +1,110 @@
+"""The one wire codec: plain builtins plus numpy arrays, as (json text, raw byte blobs).
+
+rpyc's brine only moves simple immutable values by value; a list or dict would
+travel as a netref (a live proxy back to the other side). Every argument and
+result therefore crosses the connection as ``(str, tuple[bytes, ...])``:
+JSON for the structure, one raw buffer per array, described by dtype and shape.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+#: dtypes an array may have on the wire (bfloat16 travels as float32).
+WIRE_DTYPES = frozenset({"float16", "float32", "float64", "int8", "int16", "int32", "int64",
+                         "uint8", "bool"})
+_ARRAY_KEY = "__ndarray__"
+
+Packed = tuple  # (str, tuple[bytes, ...])
+
+
+def encode_array(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    """(dtype, shape, raw little-endian C-order bytes) of ``array``."""
+    array = np.ascontiguousarray(array)
+    if array.dtype.name not in WIRE_DTYPES:
+        raise InvalidArgumentError(f"arrays of dtype {array.dtype.name} cannot be sent; "
+                                   f"use one of {sorted(WIRE_DTYPES)}")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return array.dtype.name, tuple(int(n) for n in array.shape), array.tobytes()
+
+
+def decode_array(dtype: str, shape: Any, data: Any) -> np.ndarray:
+    """The array back from :func:`encode_array`'s parts, checked against each other."""
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        raise InvalidArgumentError(f"array dtype {dtype!r} is not allowed on the wire")
+    if (not isinstance(shape, (list, tuple)) or len(shape) > 8
+            or not all(type(n) is int and 0 <= n < 2**40 for n in shape)):
+        raise InvalidArgumentError(f"bad array shape {shape!r}")
+    if type(data) is not bytes:
+        raise InvalidArgumentError("array data must be bytes")
+    expected = math.prod(shape) * np.dtype(dtype).itemsize
+    if len(data) != expected:
+        raise InvalidArgumentError(f"array of shape {tuple(shape)} and dtype {dtype} needs "
+                                   f"{expected} bytes, got {len(data)}")
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+
+
+def _to_plain(obj: Any, blobs: list[bytes]) -> Any:
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        if isinstance(obj, (np.bool_, np.integer, np.floating)):
+            return obj.item()
+        return obj
+    if isinstance(obj, (np.bool_, np.integer, np.floating)):
+        return obj.item()
+    if isinstance(obj, dict):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise InvalidArgumentError(f"dict keys must be str, got {type(key).__name__}")
+            out[key] = _to_plain(value, blobs)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v, blobs) for v in obj]
+    if isinstance(obj, np.ndarray) or hasattr(obj, "__array__"):
+        dtype, shape, data = encode_array(np.asarray(obj))
+        blobs.append(data)
+        return {_ARRAY_KEY: len(blobs) - 1, "dtype": dtype, "shape": list(shape)}
+    raise InvalidArgumentError(f"values of type {type(obj).__name__} cannot be sent")
+
+
+def _from_plain(obj: Any, blobs: tuple) -> Any:
+    if isinstance(obj, dict):
+        if _ARRAY_KEY in obj:
+            index = obj[_ARRAY_KEY]
+            if type(index) is not int or not 0 <= index < len(blobs):
+                raise InvalidArgumentError("array reference out of range")
+            return decode_array(obj.get("dtype"), obj.get("shape"), blobs[index])
+        return {k: _from_plain(v, blobs) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_plain(v, blobs) for v in obj]
+    return obj
+
+
+def pack(obj: Any) -> Packed:
+    """``obj`` (builtins, dicts, lists, numpy arrays) as ``(json text, blobs)``."""
+    blobs: list[bytes] = []
+    text = json.dumps(_to_plain(obj, blobs), separators=(",", ":"))
+    return text, tuple(blobs)
+
+
+def unpack(packed: Any) -> Any:
+    """The value back from :func:`pack`; anything that is not exactly that shape is refused."""
+    if (type(packed) is not tuple or len(packed) != 2 or type(packed[0]) is not str
+            or type(packed[1]) is not tuple or not all(type(b) is bytes for b in packed[1])):
+        raise InvalidArgumentError("malformed request: expected (json text, tuple of bytes)")
+    try:
+        plain = json.loads(packed[0])
+    except ValueError as exc:
+        raise InvalidArgumentError(f"malformed request: {exc}") from None
+    return _from_plain(plain, packed[1])
+
+
+def packed_size(packed: Packed) -> int:
+    """Payload bytes of a packed value (JSON text plus blobs)."""
+    return len(packed[0]) + sum(len(b) for b in packed[1])

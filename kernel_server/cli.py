@@ -1,0 +1,63 @@
+"""Command line of the kernel server (also the ``djinn-server`` console script)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .models import DEFAULT_MODEL, REGISTRY
+from .validation import Limits
+
+READY_PREFIX = "DJINN_SERVER_READY"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kernel_server",
+                                description="djinn_nb kernel server: owns models, KV caches, sessions.")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model loaded at start and used by default: {', '.join(REGISTRY)}, "
+                        "a Hugging Face id, a local directory or a .gguf file (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback only for now)")
+    p.add_argument("--port", type=int, default=18861, help="port; 0 picks a free one (default %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", help="auto (float32), float32, float16, bfloat16")
+    p.add_argument("--no-load-on-request", action="store_true",
+                   help="serve only --model; refuse sessions that name another model")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    d = Limits()
+    p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    p.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client)
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("kernel_server.rpyc").setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from djinn_nb.errors import DjinnError
+    from .server import Kernel, KernelServer
+    limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
+                    max_sessions_per_client=args.max_sessions_per_client)
+    try:
+        kernel = Kernel(args.model, args.device, args.dtype, limits,
+                        allow_load=not args.no_load_on_request)
+        kernel.models.get()          # load the default model before saying ready
+        server = KernelServer(kernel, args.host, args.port)
+    except DjinnError as exc:
+        print(f"kernel_server: {exc}", file=sys.stderr)
+        return 2
+    info = kernel.models.get().info()
+    print(f"{READY_PREFIX} {server.address} model={info['model']} device={info['device']}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    return 0

@@ -1,0 +1,280 @@
+"""The generation executor: a KV-cache decode loop in a worker thread, with layer hooks
+that can pause the forward pass mid-model until the client says resume.
+
+One forward hook per decoder layer is installed once per model. It finds the run
+of the calling thread through a thread-local, so many sessions share one model
+without touching each other's breakpoints; a layer no run cares about costs one
+attribute lookup and a set membership test.
+"""
+from __future__ import annotations
+
+import queue
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from djinn_nb.errors import DjinnError, ServerError
+from .interventions import EditOp, Interventions, apply_edit
+from .models import LoadedModel
+
+_current = threading.local()
+
+
+class _Aborted(BaseException):
+    """Raised inside a hook to unwind a paused forward pass (stop, close, disconnect)."""
+
+
+def install_layer_hooks(loaded: LoadedModel) -> None:
+    """Install the dispatching hook on every decoder layer of ``loaded`` (idempotent)."""
+    if getattr(loaded, "_hooks_installed", False):
+        return
+    for index, layer in enumerate(loaded.layers):
+        layer.register_forward_hook(_make_hook(index))
+    loaded._hooks_installed = True
+
+
+def _make_hook(index: int):
+    def hook(module, args, output):
+        run = getattr(_current, "run", None)
+        if run is None or index not in run.hot_layers:
+            return None
+        return run.on_layer(index, output)
+    return hook
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 20
+    temperature: float = 0.0          # 0: greedy
+    top_k: int | None = None          # sampling filter
+    top_p: float | None = None
+    seed: int | None = None
+    stop_at_eos: bool = True
+    record_top_k: int = 5
+    return_logits: bool = False
+
+
+@dataclass
+class PausePoint:
+    """Where a run is paused: the hidden state of one layer, editable until resume."""
+    layer: int
+    step: int
+    phase: str
+    start: int                 # absolute position of row 0 of ``hidden``
+    hidden: torch.Tensor       # [1, positions, hidden] (possibly already steered)
+    edited: bool = False
+    edits: list = field(default_factory=list)
+
+    def event(self) -> dict:
+        n = int(self.hidden.shape[1])
+        return {"event": "paused", "layer": self.layer, "step": self.step, "phase": self.phase,
+                "position": self.start + n - 1, "start": self.start, "positions": n,
+                "hidden_size": int(self.hidden.shape[-1])}
+
+
+class GenerationRun:
+    """One generation: the token ids, the KV cache (never leaves this object), per-step
+    records, and the worker thread that drives the decode loop."""
+
+    def __init__(self, loaded: LoadedModel, prompt_ids: list[int], config: GenerationConfig,
+                 interventions: Interventions):
+        self.loaded = loaded
+        self.config = config
+        self.interventions = interventions
+        self.prompt_ids = list(prompt_ids)
+        self.tokens: list[int] = list(prompt_ids)
+        self.step = 0
+        self.records: list[dict] = []
+        self.logits: list = []
+        self.stop_reason: str | None = None
+        self.cache = None
+        self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator = None
+        self.ignore_breakpoints = False
+        self.step_target: tuple | None = None    # one-shot pause: ("layer", layer, step) etc.
+        self.pause: PausePoint | None = None
+        self.hot_layers: frozenset = frozenset()
+        self._events: queue.Queue = queue.Queue()
+        self._commands: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._phase = "prefill"
+        self._fired_breaks: list[int] = []
+        self._fired_rules: list[int] = []
+        self._paused_s = 0.0
+        self.refresh_hot_layers()
+
+    # ---- control, called from the service thread ----------------------------------
+    def refresh_hot_layers(self) -> None:
+        layers = set(r.layer for r in self.interventions.rules)
+        if not self.ignore_breakpoints:
+            layers |= set(b.layer for b in self.interventions.breakpoints)
+        if self.step_target is not None:
+            layers.add(self.step_target[0])
+        self.hot_layers = frozenset(layers)
+
+    def start(self) -> dict:
+        self._thread = threading.Thread(target=self._worker, name="djinn-generation", daemon=True)
+        self._thread.start()
+        return self._events.get()
+
+    def command(self, what: str) -> dict:
+        """Send ``resume`` / ``abort`` to the paused worker and wait for its next event."""
+        self.pause = None
+        self._commands.put(what)
+        return self._events.get()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the worker -------------------------------------------------------------------
+    def _worker(self) -> None:
+        _current.run = self
+        try:
+            with torch.inference_mode():
+                self._decode_loop()
+            self._events.put(self.finished_event())
+        except _Aborted:
+            self.stop_reason = "stopped"
+            self._events.put(self.finished_event())
+        except DjinnError as exc:
+            self._events.put({"event": "error", "error": exc})
+        except Exception as exc:  # a bug or a model failure: report it, keep the server up
+            self._events.put({"event": "error",
+                              "error": ServerError(f"generation failed: {type(exc).__name__}: {exc}")})
+        finally:
+            _current.run = None
+
+    def _decode_loop(self) -> None:
+        from transformers import DynamicCache
+        loaded, cfg = self.loaded, self.config
+        model, device = loaded.model, loaded.device
+        if cfg.temperature > 0:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        self.cache = DynamicCache(config=model.config)
+        eos = _eos_ids(loaded)
+        next_input = torch.tensor([self.tokens], device=device)
+        while self.step < cfg.max_new_tokens:
+            self._phase = "prefill" if self.step == 0 else "decode"
+            self._fired_breaks, self._fired_rules, self._paused_s = [], [], 0.0
+            mask = torch.ones((1, len(self.tokens)), dtype=torch.long, device=device)
+            t0 = time.perf_counter()
+            with loaded.compute_lock:
+                out = model(input_ids=next_input, attention_mask=mask, use_cache=True,
+                            logits_to_keep=1, **{loaded.cache_kwarg: self.cache})
+                logits = out.logits[:, -1, :]
+                token = self._pick(logits)
+                top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(cfg.record_top_k)
+                token_id = int(token)          # the one host sync of a step
+            t1 = time.perf_counter()
+            if cfg.return_logits:
+                self.logits.append(logits[0].float().cpu().numpy())
+            self.tokens.append(token_id)
+            total_ms = (t1 - t0) * 1e3
+            self.records.append({
+                "step": self.step, "token_id": token_id,
+                "text": loaded.tokenizer.decode([token_id]),
+                "top_ids": top_i[0].tolist(), "top_probs": top_p[0].tolist(),
+                "forward_ms": total_ms - self._paused_s * 1e3, "paused_ms": self._paused_s * 1e3,
+                "breakpoints": self._fired_breaks, "rules": self._fired_rules,
+            })
+            self.step += 1
+            next_input = token.view(1, 1)
+            if cfg.stop_at_eos and token_id in eos:
+                self.stop_reason = "eos"
+                return
+        self.stop_reason = "length"
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        if cfg.temperature <= 0:
+            return logits.argmax(dim=-1)[0]
+        scores = logits.float() / cfg.temperature
+        if cfg.top_k:
+            kth = scores.topk(min(cfg.top_k, scores.shape[-1])).values[..., -1, None]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if cfg.top_p is not None and cfg.top_p < 1.0:
+            sorted_scores, order = scores.sort(descending=True)
+            cum = sorted_scores.softmax(-1).cumsum(-1)
+            drop = cum - sorted_scores.softmax(-1) > cfg.top_p
+            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        probs = scores.softmax(dim=-1)
+        return torch.multinomial(probs, 1, generator=self.generator)[0, 0]
+
+    # ---- called by the layer hook, in the worker thread --------------------------------
+    def on_layer(self, layer: int, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        start = len(self.tokens) - hidden.shape[1]
+        new = hidden
+        for rule in self.interventions.rules:
+            if rule.matches(layer, self.step, self._phase):
+                new = apply_edit(new, rule.op, start)
+                self._fired_rules.append(rule.id)
+        if self._should_pause(layer):
+            self._fired_breaks.append(layer)
+            new = self._wait_while_paused(PausePoint(layer, self.step, self._phase, start, new))
+        if new is hidden:
+            return None
+        return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+
+    def _should_pause(self, layer: int) -> bool:
+        target = self.step_target
+        if target is not None and target == (layer, self.step):
+            self.step_target = None
+            self.refresh_hot_layers()
+            return True
+        if self.ignore_breakpoints:
+            return False
+        return any(b.matches(layer, self.step, self._phase) for b in self.interventions.breakpoints)
+
+    def _wait_while_paused(self, point: PausePoint) -> torch.Tensor:
+        lock = self.loaded.compute_lock
+        self.pause = point
+        t0 = time.perf_counter()
+        lock.release()              # other sessions may compute while this one waits
+        try:
+            self._events.put(point.event())
+            what = self._commands.get()
+        finally:
+            lock.acquire()
+            self._paused_s += time.perf_counter() - t0
+        if what == "abort":
+            raise _Aborted()
+        return point.hidden
+
+    # ---- results ------------------------------------------------------------------------
+    def finished_event(self) -> dict:
+        return {"event": "finished", "result": self.result()}
+
+    def result(self) -> dict:
+        generated = self.tokens[len(self.prompt_ids):]
+        res = {
+            "tokens": generated, "prompt_tokens": self.prompt_ids,
+            "text": self.loaded.tokenizer.decode(generated), "steps": self.records,
+            "stop_reason": self.stop_reason, "seed": self.seed, "model": self.loaded.name,
+        }
+        if self.config.return_logits:
+            import numpy as np
+            res["logits"] = (np.stack(self.logits) if self.logits
+                             else np.zeros((0, self.loaded.vocab_size), dtype="float32"))
+        return res
+
+
+def _eos_ids(loaded: LoadedModel) -> set[int]:
+    ids = loaded.model.generation_config.eos_token_id if loaded.model.generation_config else None
+    if ids is None:
+        ids = loaded.tokenizer.eos_token_id
+    if ids is None:
+        return set()
+    return set(ids) if isinstance(ids, (list, tuple)) else {int(ids)}
+
+
+def apply_paused_edit(point: PausePoint, op: EditOp) -> None:
+    """Apply ``op`` to the paused hidden state now (the client sees it in ``activation()``)."""
+    with torch.inference_mode():
+        point.hidden = apply_edit(point.hidden, op, point.start)
+    point.edited = True
+    point.edits.append(op.describe())

