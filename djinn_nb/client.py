@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import threading
 import time
 from typing import Any
@@ -10,6 +11,7 @@ from . import wire
 from .errors import ConnectionLostError, DjinnError, InvalidArgumentError, error_class
 
 DEFAULT_PORT = 18861
+SERVER_ENV = "DJINN_SERVER"   # "host:port" of the kernel server that connect() uses by default
 #: client-side rpyc settings: nothing of ours is reachable from the server either
 CLIENT_CONFIG = {
     "allow_public_attrs": False, "allow_all_attrs": False, "allow_safe_attrs": False,
@@ -164,8 +166,13 @@ class Client:
 
 def connect(address: str | None = None, *, model: str | None = None, device: str | None = None,
             dtype: str | None = None, timeout: float | None = None, progress: bool = True) -> Client:
-    """Connect to a kernel server at ``"host:port"``; with no address, launch a local one
-    (on ``model``, default the embedded smollm2-135m) that stops when the client closes."""
+    """Connect to a kernel server at ``"host:port"``.
+
+    With no address: the server named by the ``DJINN_SERVER`` environment variable if set
+    (``make lab`` sets it for its notebooks), else a local server launched now (on
+    ``model``, default the embedded smollm2-135m) that stops when the client closes."""
+    if address is None and os.environ.get(SERVER_ENV) and model is None and device is None:
+        address = os.environ[SERVER_ENV]
     if address is not None:
         return Client(address, timeout=timeout)
     from .launcher import LocalServer
