@@ -83,6 +83,7 @@ class KernelServer:
         self._server.start()
 
     def start(self) -> "KernelServer":
+        self._server._listen()   # listening before start() returns: no race with a client (idempotent)
         self._thread = threading.Thread(target=self._server.start, name="djinn-server", daemon=True)
         self._thread.start()
         return self
