@@ -25,7 +25,7 @@ Packed = tuple  # (str, tuple[bytes, ...])
 
 def encode_array(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
     """(dtype, shape, raw little-endian C-order bytes) of ``array``."""
-    array = np.ascontiguousarray(array)
+    array = np.asarray(array, order="C")   # (ascontiguousarray would make 0-d arrays 1-d)
     if array.dtype.name not in WIRE_DTYPES:
         raise InvalidArgumentError(f"arrays of dtype {array.dtype.name} cannot be sent; "
                                    f"use one of {sorted(WIRE_DTYPES)}")
@@ -47,7 +47,7 @@ def decode_array(dtype: str, shape: Any, data: Any) -> np.ndarray:
     if len(data) != expected:
         raise InvalidArgumentError(f"array of shape {tuple(shape)} and dtype {dtype} needs "
                                    f"{expected} bytes, got {len(data)}")
-    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(shape)
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(tuple(shape))
 
 
 def _to_plain(obj: Any, blobs: list[bytes]) -> Any:
