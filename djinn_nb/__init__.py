@@ -8,16 +8,17 @@
 """
 __version__ = "0.1.0"
 
-from .errors import (ConnectionLostError, DjinnError, InvalidArgumentError, InvalidEditError,
+from .errors import (CheckpointError, TransferError, ConnectionLostError, DjinnError, InvalidArgumentError, InvalidEditError,
                      LayerOutOfRangeError, LimitExceededError, NotPausedError, ServerError,
                      SessionBusyError, SessionClosedError, StateError, UnknownModelError,
                      UnknownSessionError, UnsupportedModelError)
 from .results import Finished, GenerationResult, Paused, StepRecord
 from .client import Client, connect
 from .session import Session
+from .checkpoint import Checkpoint
 
 __all__ = [
-    "connect", "Client", "Session", "Paused", "Finished", "GenerationResult", "StepRecord",
+    "connect", "Client", "Session", "Checkpoint", "CheckpointError", "TransferError", "Paused", "Finished", "GenerationResult", "StepRecord",
     "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
     "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",
     "UnknownSessionError", "StateError", "NotPausedError", "SessionBusyError", "SessionClosedError",

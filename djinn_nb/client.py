@@ -114,6 +114,29 @@ class Client:
         from .session import Session
         return Session(self, self._call("open_session", model=model))
 
+    def checkpoints(self) -> list:
+        """This client's checkpoints on the server: id, model, step, positions, nbytes, ready."""
+        return self._call("checkpoints")
+
+    def load_checkpoint(self, path, session=None):
+        """Load a saved checkpoint file into a new session on its model (or into ``session``).
+        Returns the ``Checkpoint``; the restored session is ``ck.session`` (state "ready")."""
+        from pathlib import Path
+        from . import bulk
+        from .checkpoint import Checkpoint
+        from .session import Session
+        data = Path(path).read_bytes()
+        if not data:
+            raise InvalidArgumentError(f"{path} is empty")
+        upload = self._call("begin_upload", nbytes=len(data))
+        host, _ = parse_address(self.address)
+        bulk.send(host, upload["port"], bytes.fromhex(upload["nonce"]), data)
+        out = self._call("import_checkpoint", upload=upload["nonce"],
+                         session=None if session is None else session.id)
+        ck = Checkpoint(self, out["checkpoint"])
+        ck.session = session if session is not None else Session(self, out["session"])
+        return ck
+
     def ping(self) -> float:
         """One empty round trip, in milliseconds."""
         t0 = time.perf_counter()

@@ -46,6 +46,14 @@ class UnknownSessionError(InvalidArgumentError):
     """No session with that id exists on the server (or it is not yours)."""
 
 
+class TransferError(DjinnError):
+    """A bulk transfer (checkpoint file, large array) did not complete."""
+
+
+class CheckpointError(InvalidArgumentError):
+    """A checkpoint that cannot be used here: unknown id, another model, a damaged file."""
+
+
 class StateError(DjinnError, RuntimeError):
     """The call does not fit the session's current state; nothing was changed."""
 
@@ -65,7 +73,7 @@ class SessionClosedError(StateError):
 _BY_NAME = {cls.__name__: cls for cls in [
     DjinnError, ConnectionLostError, ServerError, InvalidArgumentError, UnknownModelError,
     UnsupportedModelError, LayerOutOfRangeError, InvalidEditError, LimitExceededError,
-    UnknownSessionError, StateError, NotPausedError, SessionBusyError, SessionClosedError,
+    UnknownSessionError, TransferError, CheckpointError, StateError, NotPausedError, SessionBusyError, SessionClosedError,
 ]}
 
 

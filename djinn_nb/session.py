@@ -22,7 +22,8 @@ def _positions(p: Positions):
 class Session:
     """Generation state on the server: token ids, KV cache, breakpoints, steering rules.
 
-    States: idle -> running -> paused <-> running -> finished, and closed."""
+    States: idle -> running -> paused <-> running -> finished, and closed; after
+    ``restore()`` / ``fork()`` / ``load_checkpoint()``: ready (``resume()`` continues)."""
 
     def __init__(self, client, info: dict):
         self.client = client
@@ -101,6 +102,22 @@ class Session:
     def stop(self) -> Finished:
         """Abandon the paused generation; the result holds the tokens made so far."""
         return self._event(self._call("stop"))
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self) -> "Checkpoint":
+        """Snapshot the generation state now (at once; the copy runs in the background).
+        While paused mid-forward it captures the start of the current token."""
+        from .checkpoint import Checkpoint
+        return Checkpoint(self.client, self._call("checkpoint"))
+
+    def restore(self, ck) -> None:
+        """Rewind this session to ``ck``; it is then "ready": ``resume()`` continues."""
+        self._call("restore", checkpoint=ck.id)
+        self.last_event = None
+
+    def fork(self, ck) -> "Session":
+        """A new, independent session starting from ``ck`` (state "ready")."""
+        return Session(self.client, self.client._call("fork", checkpoint=ck.id))
 
     # ---- while paused ----------------------------------------------------------------------
     def activation(self, positions: Positions = "all", reduce: Optional[str] = None) -> np.ndarray:

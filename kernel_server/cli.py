@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     p.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client)
+    p.add_argument("--checkpoint-budget-mb", type=float, default=d.checkpoint_budget_mb,
+                   help="host memory for checkpoints; going over it is an error (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
     from djinn_nb.errors import DjinnError
     from .server import Kernel, KernelServer
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
-                    max_sessions_per_client=args.max_sessions_per_client)
+                    max_sessions_per_client=args.max_sessions_per_client,
+                    checkpoint_budget_mb=args.checkpoint_budget_mb)
     try:
         kernel = Kernel(args.model, args.device, args.dtype, limits,
                         allow_load=not args.no_load_on_request)

@@ -58,6 +58,30 @@ class GenerationConfig:
 
 
 @dataclass
+class GenState:
+    """A run at a token boundary: enough to continue it bit for bit (checkpoints hold one)."""
+    prompt_ids: list
+    tokens: list
+    step: int
+    records: list
+    logits: list               # numpy rows, one per step, when return_logits
+    config: GenerationConfig
+    seed: int
+    rng_state: torch.Tensor | None = None   # the sampling generator's state (None: greedy/unused)
+
+    @classmethod
+    def fresh(cls, prompt_ids: list, config: GenerationConfig) -> "GenState":
+        seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
+        return cls(list(prompt_ids), list(prompt_ids), 0, [], [], config, seed)
+
+    @property
+    def kv_length(self) -> int:
+        """Positions in the KV cache at this boundary: all tokens but the last one, which
+        is the input of the next forward pass (none before the prefill)."""
+        return len(self.tokens) - 1 if self.step > 0 else 0
+
+
+@dataclass
 class PausePoint:
     """Where a run is paused: the hidden state of one layer, editable until resume."""
     layer: int
@@ -79,22 +103,26 @@ class GenerationRun:
     """One generation: the token ids, the KV cache (never leaves this object), per-step
     records, and the worker thread that drives the decode loop."""
 
-    def __init__(self, loaded: LoadedModel, prompt_ids: list[int], config: GenerationConfig,
-                 interventions: Interventions):
+    def __init__(self, loaded: LoadedModel, state: GenState, interventions: Interventions,
+                 cache=None):
         self.loaded = loaded
-        self.config = config
+        self.config = state.config
         self.interventions = interventions
-        self.prompt_ids = list(prompt_ids)
-        self.tokens: list[int] = list(prompt_ids)
-        self.step = 0
-        self.records: list[dict] = []
-        self.logits: list = []
-        self.stop_reason: str | None = None
-        self.cache = None
-        self.seed = config.seed if config.seed is not None else random.SystemRandom().randrange(2**63)
+        self.prompt_ids = list(state.prompt_ids)
+        self.tokens: list[int] = list(state.tokens)
+        self.step = state.step
+        self.records: list[dict] = list(state.records)
+        self.logits: list = list(state.logits)
+        self.seed = state.seed
+        self.cache = cache           # None: a new, empty cache (the run starts with the prefill)
         self.generator = None
+        if self.config.temperature > 0:
+            self.generator = torch.Generator(device=loaded.device).manual_seed(self.seed)
+            if state.rng_state is not None:
+                self.generator.set_state(state.rng_state)
+        self.stop_reason: str | None = None
         self.ignore_breakpoints = False
-        self.step_target: tuple | None = None    # one-shot pause: ("layer", layer, step) etc.
+        self.step_target: tuple | None = None    # one-shot pause at (layer, step)
         self.pause: PausePoint | None = None
         self.hot_layers: frozenset = frozenset()
         self._events: queue.Queue = queue.Queue()
@@ -105,6 +133,12 @@ class GenerationRun:
         self._fired_rules: list[int] = []
         self._paused_s = 0.0
         self.refresh_hot_layers()
+
+    def boundary_state(self) -> GenState:
+        """The state at the start of the current step (mid-forward: before this token)."""
+        rng = self.generator.get_state() if self.generator is not None else None
+        return GenState(self.prompt_ids, list(self.tokens), self.step, self.records[:self.step],
+                        self.logits[:self.step], self.config, self.seed, rng)
 
     # ---- control, called from the service thread ----------------------------------
     def refresh_hot_layers(self) -> None:
@@ -152,11 +186,11 @@ class GenerationRun:
         from transformers import DynamicCache
         loaded, cfg = self.loaded, self.config
         model, device = loaded.model, loaded.device
-        if cfg.temperature > 0:
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        self.cache = DynamicCache(config=model.config)
+        if self.cache is None:
+            self.cache = DynamicCache(config=model.config)
         eos = _eos_ids(loaded)
-        next_input = torch.tensor([self.tokens], device=device)
+        # the prefill feeds the whole prompt; a restored run feeds its last token
+        next_input = torch.tensor([self.tokens if self.step == 0 else self.tokens[-1:]], device=device)
         while self.step < cfg.max_new_tokens:
             self._phase = "prefill" if self.step == 0 else "decode"
             self._fired_breaks, self._fired_rules, self._paused_s = [], [], 0.0

@@ -13,6 +13,7 @@ from djinn_nb import __version__
 from djinn_nb.errors import InvalidArgumentError
 from .models import DEFAULT_MODEL, REGISTRY, ModelRegistry
 from .service import KernelService
+from .checkpoints import CheckpointStore
 from .sessions import SessionManager
 from .validation import Limits
 
@@ -52,11 +53,14 @@ class Kernel:
         self.limits = limits or Limits()
         self.models = ModelRegistry(model, device, dtype, allow_load)
         self.sessions = SessionManager(self.limits)
+        self.checkpoints = CheckpointStore(int(self.limits.checkpoint_budget_mb * 2**20))
+        self.bulk_host = "127.0.0.1"   # where one-shot bulk listeners bind (the server's host)
 
     def info(self) -> dict:
         return {"version": __version__, "default_model": self.models.default,
                 "loaded_models": self.models.loaded(), "registry": dict(REGISTRY),
-                "sessions": self.sessions.count(), "limits": vars(self.limits)}
+                "sessions": self.sessions.count(), "limits": vars(self.limits),
+                "checkpoint_bytes": self.checkpoints.used_bytes}
 
 
 class KernelServer:
@@ -68,6 +72,7 @@ class KernelServer:
                 f"refusing to bind {host}: only loopback addresses are served until token "
                 "authentication exists; reach a remote server through an SSH tunnel")
         self.kernel = kernel
+        kernel.bulk_host = host
         self._server = ThreadedServer(classpartial(KernelService, kernel), hostname=host, port=port,
                                       protocol_config=PROTOCOL_CONFIG, reuse_addr=True,
                                       logger=logging.getLogger("kernel_server.rpyc"))

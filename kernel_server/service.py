@@ -13,8 +13,10 @@ import uuid
 
 import rpyc
 
-from djinn_nb.errors import DjinnError, InvalidArgumentError, ServerError
+from djinn_nb.errors import CheckpointError, DjinnError, InvalidArgumentError, ServerError
 from djinn_nb.wire import pack, unpack
+from . import checkpoints as C
+from .bulk import BulkTransfer
 
 log = logging.getLogger("kernel_server")
 
@@ -54,12 +56,14 @@ class KernelService(rpyc.Service):
     def __init__(self, kernel):
         self.kernel = kernel
         self.owner = uuid.uuid4().hex
+        self._uploads: dict[str, BulkTransfer] = {}
 
     def on_connect(self, conn):
         log.info("client %s connected", self.owner[:8])
 
     def on_disconnect(self, conn):
         n = self.kernel.sessions.close_owner(self.owner)
+        self.kernel.checkpoints.drop_owner(self.owner)
         log.info("client %s disconnected; released %d sessions", self.owner[:8], n)
 
     def _session_call(self, name: str, session, args: dict):
@@ -129,3 +133,86 @@ class KernelService(rpyc.Service):
     @remote
     def exposed_clear_steering(self, session, **args):
         return self._session_call("clear_steering", session, args)
+
+    # ---- checkpoints -------------------------------------------------------------------
+    @remote
+    def exposed_checkpoint(self, session):
+        sess = self.kernel.sessions.get(session, self.owner)
+        return sess.checkpoint(self.kernel.checkpoints).describe()
+
+    @remote
+    def exposed_checkpoint_info(self, checkpoint, wait=False):
+        ck = self.kernel.checkpoints.get(checkpoint, self.owner)
+        if wait is True:
+            ck.wait()
+        return ck.describe()
+
+    @remote
+    def exposed_checkpoints(self):
+        return self.kernel.checkpoints.list(self.owner)
+
+    @remote
+    def exposed_delete_checkpoint(self, checkpoint):
+        self.kernel.checkpoints.delete(checkpoint, self.owner)
+
+    @remote
+    def exposed_restore(self, session, checkpoint):
+        ck = self.kernel.checkpoints.get(checkpoint, self.owner)
+        return self.kernel.sessions.get(session, self.owner).restore(ck)
+
+    @remote
+    def exposed_fork(self, checkpoint):
+        ck = self.kernel.checkpoints.get(checkpoint, self.owner)
+        sess = self.kernel.sessions.open(self.kernel.models.get(ck.model), self.owner)
+        try:
+            return sess.restore(ck)
+        except BaseException:
+            self.kernel.sessions.close(sess.id, self.owner)
+            raise
+
+    @remote
+    def exposed_export_checkpoint(self, checkpoint):
+        """Offer the checkpoint file on the bulk path; the client fetches it."""
+        ck = self.kernel.checkpoints.get(checkpoint, self.owner)
+        data = C.to_bytes(ck, self.kernel.models.get(ck.model))
+        return {**BulkTransfer(self.kernel.bulk_host, payload=data).describe(), "nbytes": len(data)}
+
+    @remote
+    def exposed_begin_upload(self, nbytes):
+        limit = int(self.kernel.limits.max_upload_mb * 2**20)
+        if type(nbytes) is not int or not 0 < nbytes <= limit:
+            raise InvalidArgumentError(f"upload size must be 1..{limit} bytes, got {nbytes!r}")
+        transfer = BulkTransfer(self.kernel.bulk_host, max_bytes=nbytes)
+        key = transfer.nonce.hex()
+        self._uploads[key] = transfer
+        return transfer.describe()
+
+    @remote
+    def exposed_import_checkpoint(self, upload, session=None):
+        """Turn an uploaded checkpoint file into a checkpoint restored into ``session``
+        (or a new session on the file's model)."""
+        transfer = self._uploads.pop(upload, None) if isinstance(upload, str) else None
+        if transfer is None:
+            raise InvalidArgumentError("unknown upload id")
+        data = transfer.result()
+        meta = C.read_metadata(data)
+        if session is not None:
+            sess = self.kernel.sessions.get(session, self.owner)
+            loaded = sess.loaded
+        else:
+            name = meta["identity"]["model"]
+            try:
+                loaded = self.kernel.models.get(name)
+            except DjinnError as exc:
+                raise CheckpointError(f"the checkpoint's model {name!r} cannot be loaded here: {exc}") from None
+            sess = None
+        ck = C.from_bytes(data, loaded, self.owner)         # verified whole before anything changes
+        self.kernel.checkpoints.add(ck)
+        if sess is None:
+            sess = self.kernel.sessions.open(loaded, self.owner)
+        try:
+            info = sess.restore(ck)
+        except BaseException:
+            self.kernel.checkpoints.delete(ck.id, self.owner)
+            raise
+        return {"checkpoint": ck.describe(), "session": info}

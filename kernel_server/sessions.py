@@ -1,7 +1,8 @@
 """Server-side sessions: the state machine around one generation at a time.
 
-States: idle -> running -> paused <-> running -> finished, and closed. Every method
-checks the state first and raises a typed error that changes nothing.
+States: idle -> running -> paused <-> running -> finished, and closed; restoring a
+checkpoint leaves the session "ready": at a token boundary, where resume() continues.
+Every method checks the state first and raises a typed error that changes nothing.
 """
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import uuid
 import numpy as np
 import torch
 
-from djinn_nb.errors import (LimitExceededError, NotPausedError, SessionBusyError,
+from djinn_nb.errors import (CheckpointError, LimitExceededError, NotPausedError, SessionBusyError,
                              SessionClosedError, UnknownSessionError, InvalidArgumentError)
 from . import validation as V
-from .generation import GenerationConfig, GenerationRun, apply_paused_edit, install_layer_hooks
+from .checkpoints import Checkpoint, CheckpointStore, cache_from_host, copy_interventions
+from .generation import (GenerationConfig, GenerationRun, GenState, apply_paused_edit,
+                         install_layer_hooks)
 from .interventions import Breakpoint, Interventions, SteeringRule
 from .models import LoadedModel
 
 IDLE, RUNNING, PAUSED, FINISHED, CLOSED = "idle", "running", "paused", "finished", "closed"
+READY = "ready"   # restored to a token boundary; resume() continues from there
 
 
 class Session:
@@ -47,7 +51,7 @@ class Session:
         if self.state == CLOSED:
             raise SessionClosedError(f"session {self.id} is closed")
         if self.state not in states:
-            if PAUSED in states and len(states) == 1:
+            if PAUSED in states and self.state in (IDLE, FINISHED):
                 raise NotPausedError(f"session {self.id} is {self.state}, not paused: "
                                      "this call needs a generation paused at a breakpoint")
             raise SessionBusyError(f"session {self.id} is {self.state}; "
@@ -57,7 +61,7 @@ class Session:
     def generate(self, prompt, max_new_tokens=20, chat=False, temperature=0.0, top_k=None,
                  top_p=None, seed=None, stop_at_eos=True, record_top_k=5, return_logits=False) -> dict:
         with self._lock:
-            self._require(IDLE, FINISHED)
+            self._require(IDLE, FINISHED, READY)
             lim = self.limits
             max_new = V.integer(max_new_tokens, "max_new_tokens", 1)
             if max_new > lim.max_new_tokens:
@@ -74,13 +78,13 @@ class Session:
                 return_logits=V.boolean(return_logits, "return_logits"))
             ids = V.prompt_ids(prompt, self.loaded.tokenizer, V.boolean(chat, "chat"), lim,
                                self.loaded.vocab_size)
-            self.run = GenerationRun(self.loaded, ids, config, self.interventions)
+            self.run = GenerationRun(self.loaded, GenState.fresh(ids, config), self.interventions)
             self.state = RUNNING
             return self._after(self.run.start())
 
     def resume(self, ignore_breakpoints=False) -> dict:
         with self._lock:
-            self._require(PAUSED)
+            self._require(PAUSED, READY)
             if V.boolean(ignore_breakpoints, "ignore_breakpoints"):
                 self.run.ignore_breakpoints = True
                 self.run.refresh_hot_layers()
@@ -90,10 +94,12 @@ class Session:
         """Run to the next layer boundary (``to="layer"``) or to the same layer of the next
         token (``to="token"``) and pause there, whatever the breakpoints say."""
         with self._lock:
-            self._require(PAUSED)
+            self._require(PAUSED, READY)
             V.choice(to, "to", ("layer", "token"))
             point = self.run.pause
-            if to == "token":
+            if point is None:          # ready at a token boundary: the next layer is layer 0
+                target = (0, self.run.step)
+            elif to == "token":
                 target = (point.layer, point.step + 1)
             elif point.layer + 1 < self.loaded.num_layers:
                 target = (point.layer + 1, point.step)
@@ -110,8 +116,9 @@ class Session:
             return self._continue("abort")
 
     def _continue(self, what: str) -> dict:
+        was_ready = self.state == READY
         self.state = RUNNING
-        return self._after(self.run.command(what))
+        return self._after(self.run.start() if was_ready else self.run.command(what))
 
     def _after(self, event: dict) -> dict:
         kind = event["event"]
@@ -123,6 +130,29 @@ class Session:
             self.state = FINISHED if self.run and self.run.records else IDLE
             raise event["error"]
         return event
+
+    # ---- checkpoints ------------------------------------------------------------------
+    def checkpoint(self, store: CheckpointStore) -> Checkpoint:
+        """Snapshot at the current token boundary (mid-forward: the start of this token)."""
+        with self._lock:
+            self._require(PAUSED, FINISHED, READY)
+            return store.take(self.owner, self.loaded, self.run.boundary_state(), self.run.cache,
+                              self.interventions)
+
+    def restore(self, ck: Checkpoint) -> dict:
+        """Rewind to ``ck``: KV cache, tokens, step, RNG, rules and breakpoints."""
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            if ck.model != self.loaded.name:
+                raise CheckpointError(f"checkpoint {ck.id} is of model {ck.model!r}; this session "
+                                      f"runs {self.loaded.name!r}")
+            cache = cache_from_host(ck, self.loaded)
+            if self.state == PAUSED:
+                self.run.command("abort")
+            self.interventions = copy_interventions(ck.interventions)
+            self.run = GenerationRun(self.loaded, ck.state, self.interventions, cache=cache)
+            self.state = READY
+            return self.info()
 
     # ---- while paused -----------------------------------------------------------------
     def activation(self, positions="all", reduce=None) -> np.ndarray:
@@ -157,7 +187,7 @@ class Session:
     # ---- breakpoints and steering ------------------------------------------------------
     def set_breakpoint(self, layer, phase="decode", steps=None) -> dict:
         with self._lock:
-            self._require(IDLE, PAUSED, FINISHED)
+            self._require(IDLE, PAUSED, FINISHED, READY)
             bp = Breakpoint(V.layer(layer, self.loaded.num_layers), V.choice(phase, "phase", V.PHASES),
                             V.steps(steps, self.limits))
             if bp not in self.interventions.breakpoints:
@@ -167,7 +197,7 @@ class Session:
 
     def clear_breakpoints(self, layer=None) -> int:
         with self._lock:
-            self._require(IDLE, PAUSED, FINISHED)
+            self._require(IDLE, PAUSED, FINISHED, READY)
             if layer is not None:
                 V.layer(layer, self.loaded.num_layers)
             before = len(self.interventions.breakpoints)
@@ -178,7 +208,7 @@ class Session:
 
     def steer(self, layer, phase="both", steps=None, **args) -> dict:
         with self._lock:
-            self._require(IDLE, PAUSED, FINISHED)
+            self._require(IDLE, PAUSED, FINISHED, READY)
             rule = SteeringRule(
                 layer=V.layer(layer, self.loaded.num_layers),
                 op=V.edit_op(args, self.loaded.hidden_size, self.loaded.device, self.loaded.dtype),
@@ -190,7 +220,7 @@ class Session:
 
     def clear_steering(self, rule_id=None) -> int:
         with self._lock:
-            self._require(IDLE, PAUSED, FINISHED)
+            self._require(IDLE, PAUSED, FINISHED, READY)
             if rule_id is not None:
                 V.integer(rule_id, "rule_id", 0)
             before = len(self.interventions.rules)

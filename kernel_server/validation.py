@@ -26,6 +26,8 @@ class Limits:
     max_new_tokens: int = 4096
     max_sessions_per_client: int = 64
     max_step_list: int = 100_000
+    checkpoint_budget_mb: float = 4096.0
+    max_upload_mb: float = 16384.0
 
 
 def integer(value: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:

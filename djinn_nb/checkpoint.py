@@ -1,0 +1,61 @@
+"""``Checkpoint``: a handle on a snapshot of generation state kept by the kernel server."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from . import bulk
+from .client import parse_address
+
+
+class Checkpoint:
+    """A server-side snapshot (KV cache, tokens, step, RNG, rules, breakpoints).
+
+    ``session.checkpoint()`` returns it at once; the device-to-host copy may still run:
+    ``ready()`` tells, ``wait()`` blocks until it is done."""
+
+    def __init__(self, client, info: dict):
+        self.client = client
+        self._info = info
+        self.id: str = info["id"]
+        self.model: str = info["model"]
+        self.step: int = info["step"]
+        self.positions: int = info["positions"]
+        self.nbytes: int = info["nbytes"]
+        self.dispatch_ms: float = info.get("dispatch_ms", 0.0)
+
+    def ready(self) -> bool:
+        """True once the copy to host memory has finished."""
+        return self.client._call("checkpoint_info", checkpoint=self.id)["ready"]
+
+    def wait(self) -> "Checkpoint":
+        """Block until the copy has finished."""
+        self.client._call("checkpoint_info", checkpoint=self.id, wait=True)
+        return self
+
+    def save(self, path) -> Path:
+        """Write the checkpoint to ``path`` on this machine (safetensors + JSON metadata),
+        fetched over the bulk path; written to a temporary file first, then renamed."""
+        path = Path(path)
+        offer = self.client._call("export_checkpoint", checkpoint=self.id)
+        host, _ = parse_address(self.client.address)
+        data = bulk.fetch(host, offer["port"], bytes.fromhex(offer["nonce"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".djckpt-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        return path
+
+    def delete(self) -> None:
+        """Free the checkpoint's host memory on the server."""
+        self.client._call("delete_checkpoint", checkpoint=self.id)
+
+    def __repr__(self):
+        return (f"<djinn_nb.Checkpoint {self.id} {self.model} step {self.step}, "
+                f"{self.positions} positions, {self.nbytes / 2**20:.2f} MiB>")

@@ -1,0 +1,60 @@
+"""Server side of the bulk data path (see ``djinn_nb.bulk``): one listener per transfer."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+
+from djinn_nb.bulk import NONCE_BYTES, _LEN, nonce_ok, recv_exact
+from djinn_nb.errors import LimitExceededError, TransferError
+
+
+class BulkTransfer:
+    """A one-shot listener on ``host``: sends ``payload`` (offer) or receives up to
+    ``max_bytes`` (expect). ``result()`` waits for the upload to arrive."""
+
+    def __init__(self, host: str, payload=None, max_bytes: int = 0, timeout: float = 60.0):
+        self.nonce = os.urandom(NONCE_BYTES)
+        self.payload = payload
+        self.max_bytes = max_bytes
+        self.received: bytearray | None = None
+        self.error: Exception | None = None
+        self._done = threading.Event()
+        self._listener = socket.create_server((host, 0))
+        self._listener.settimeout(timeout)
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, name="djinn-bulk", daemon=True).start()
+
+    def _serve(self) -> None:
+        try:
+            while True:               # a stranger with the wrong nonce does not end the offer
+                conn, _ = self._listener.accept()
+                with conn:
+                    conn.settimeout(self._listener.gettimeout())
+                    if not nonce_ok(self.nonce, bytes(recv_exact(conn, NONCE_BYTES))):
+                        continue
+                    if self.payload is not None:
+                        conn.sendall(_LEN.pack(len(self.payload)))
+                        conn.sendall(self.payload)
+                    else:
+                        (n,) = _LEN.unpack(recv_exact(conn, _LEN.size))
+                        if n > self.max_bytes:
+                            raise LimitExceededError(f"upload of {n} bytes is over the limit "
+                                                     f"of {self.max_bytes}")
+                        self.received = recv_exact(conn, n)
+                        conn.sendall(b"\x01")
+                    return
+        except Exception as exc:   # timeout, cut-off: reported by result()
+            self.error = exc
+        finally:
+            self._listener.close()
+            self.payload = None
+            self._done.set()
+
+    def describe(self) -> dict:
+        return {"port": self.port, "nonce": self.nonce.hex()}
+
+    def result(self, timeout: float = 60.0) -> bytearray:
+        if not self._done.wait(timeout) or self.received is None:
+            raise TransferError(f"the bulk upload did not arrive: {self.error or 'timeout'}")
+        return self.received
