@@ -78,27 +78,26 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def copy_to_host(slices: list, device: torch.device):
-    """Host copies of ``slices``; on CUDA into pinned memory on a side stream, ordered after
-    the kernels already queued on the current stream. Returns (host tensors, done event)."""
+    """Host copies of ``slices``; on CUDA into one pinned buffer (from torch's caching
+    pinned-memory pool) on a side stream, ordered after the kernels already queued on the
+    current stream, without waiting for them. Returns (host tensor pairs, done event)."""
     if not slices:
         return [], None
     if device.type != "cuda":
         return [(k.clone(), v.clone()) for k, v in slices], None
+    flat = [t for pair in slices for t in pair]
+    sizes = [t.numel() for t in flat]
     stream = side_stream(device)
     stream.wait_stream(torch.cuda.current_stream(device))   # after the kernels that wrote the cache
-    hosts = []
+    buffer = torch.empty(sum(sizes), dtype=flat[0].dtype, pin_memory=True)
+    hosts = [part.view(t.shape) for part, t in zip(buffer.split(sizes), flat)]
     with torch.cuda.stream(stream):
-        for k, v in slices:
-            pair = []
-            for t in (k, v):
-                h = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                h.copy_(t, non_blocking=True)
-                t.record_stream(stream)       # the cache may free t while the copy runs
-                pair.append(h)
-            hosts.append(tuple(pair))
+        torch._foreach_copy_(hosts, flat, non_blocking=True)
+        for t in flat:
+            t.record_stream(stream)           # the cache may free t while the copy runs
         done = torch.cuda.Event()
         done.record(stream)
-    return hosts, done
+    return list(zip(hosts[0::2], hosts[1::2])), done
 
 
 def cache_from_host(ck: Checkpoint, loaded: LoadedModel):

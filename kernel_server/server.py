@@ -76,6 +76,8 @@ class KernelServer:
         self._server = ThreadedServer(classpartial(KernelService, kernel), hostname=host, port=port,
                                       protocol_config=PROTOCOL_CONFIG, reuse_addr=True,
                                       logger=logging.getLogger("kernel_server.rpyc"))
+        # listen now, before anyone is told the address (rpyc would only listen in start())
+        self._server._listen()
         self.host = host
         self.port = self._server.listener.getsockname()[1]
         self._thread: threading.Thread | None = None
@@ -88,7 +90,6 @@ class KernelServer:
         self._server.start()
 
     def start(self) -> "KernelServer":
-        self._server._listen()   # listening before start() returns: no race with a client (idempotent)
         self._thread = threading.Thread(target=self._server.start, name="djinn-server", daemon=True)
         self._thread.start()
         return self

@@ -1,0 +1,128 @@
+"""Checkpoint costs on the server: dispatch, device-to-host copy, restore, and
+restore+continue vs recomputing the prefix, each against a baseline from the same run.
+
+    python bench/checkpoint_bench.py --device cuda --shape llama-1b --dtype bfloat16
+    python bench/checkpoint_bench.py --smoke          # tiny, CPU: proves the script runs
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import environment, median_ms, random_llama, sync, write_result  # noqa: E402
+from kernel_server.checkpoints import CheckpointStore, cache_from_host  # noqa: E402
+from kernel_server.sessions import Session  # noqa: E402
+from kernel_server.validation import Limits  # noqa: E402
+
+
+def raw_copy_ms(nbytes: int, device, reps: int) -> dict:
+    """Baseline: one pinned device<->host copy of ``nbytes`` (plain .cpu() for reference)."""
+    dev = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    if torch.device(device).type != "cuda":
+        host = torch.empty(nbytes, dtype=torch.uint8)
+        d2h, _ = median_ms(lambda: host.copy_(dev), reps, device)
+        return {"d2h_ms": d2h, "h2d_ms": d2h, "naive_cpu_ms": d2h}
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    d2h, _ = median_ms(lambda: host.copy_(dev, non_blocking=True), reps, device)
+    h2d, _ = median_ms(lambda: dev.copy_(host, non_blocking=True), reps, device)
+    naive, _ = median_ms(lambda: dev.cpu(), reps, device)
+    return {"d2h_ms": d2h, "h2d_ms": h2d, "naive_cpu_ms": naive}
+
+
+def run(args) -> dict:
+    loaded = random_llama(args.shape, args.device, args.dtype, max_positions=max(args.contexts) + 64)
+    store = CheckpointStore(budget_bytes=64 << 30)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for ctx in args.contexts:
+        prompt = torch.randint(0, loaded.vocab_size, (ctx,), generator=gen).tolist()
+        s = Session(loaded, Limits(max_prompt_tokens=ctx + 8), owner="bench")
+        s.generate(prompt, max_new_tokens=1, stop_at_eos=False)      # cache holds ctx positions
+        dispatch, copy = [], []
+        first_dispatch = None
+        for rep in range(args.reps + 1):
+            sync(args.device)
+            t0 = time.perf_counter()
+            ck = s.checkpoint(store)
+            t1 = time.perf_counter()
+            ck.wait()
+            t2 = time.perf_counter()
+            if rep == 0:
+                first_dispatch = (t1 - t0) * 1e3     # cold: pinned pool not yet warm
+            else:
+                dispatch.append((t1 - t0) * 1e3)
+                copy.append((t2 - t0) * 1e3)
+            if rep < args.reps:
+                store.delete(ck.id, "bench")
+        restore_ms, _ = median_ms(lambda: cache_from_host(ck, loaded), args.reps, args.device)
+        base = raw_copy_ms(ck.nbytes, args.device, args.reps)
+        # restore + continue one token vs recomputing the prefix and that token
+        s.set_breakpoint(layer=0, steps=[1])
+        s.generate(prompt, max_new_tokens=2, stop_at_eos=False)    # paused at the start of step 1
+        ck_next = s.checkpoint(store)          # holds the ctx prompt positions + token 0
+        ck_next.wait()
+        s.resume(ignore_breakpoints=True)
+        store.delete(ck.id, "bench")
+        ck = ck_next
+
+        def restore_continue():                # one decode step on the restored cache
+            s.restore(ck)
+            s.resume(ignore_breakpoints=True)
+
+        def recompute():                       # the prefix again, then the same token
+            s.clear_breakpoints()              # (restore brought the breakpoint back)
+            s.generate(prompt, max_new_tokens=2, stop_at_eos=False)
+        recompute()                            # warm-up
+        rc_ms, _ = median_ms(restore_continue, args.reps, args.device)
+        re_ms, _ = median_ms(recompute, args.reps, args.device)
+        store.delete(ck.id, "bench")
+        copy_ms = sorted(copy)[len(copy) // 2]
+        row = {
+            "context": ctx, "kv_bytes": ck.nbytes,
+            "dispatch_ms_median": sorted(dispatch)[len(dispatch) // 2], "dispatch_ms_max": max(dispatch),
+            "dispatch_ms_cold": first_dispatch,
+            "copy_ms_median": copy_ms, "restore_ms_median": restore_ms,
+            "baseline_pinned_d2h_ms": base["d2h_ms"], "baseline_pinned_h2d_ms": base["h2d_ms"],
+            "baseline_naive_cpu_ms": base["naive_cpu_ms"],
+            "copy_vs_pinned_d2h": base["d2h_ms"] / copy_ms,
+            "restore_vs_pinned_h2d": base["h2d_ms"] / restore_ms,
+            "copy_gb_s": ck.nbytes / copy_ms / 1e6, "pinned_d2h_gb_s": ck.nbytes / base["d2h_ms"] / 1e6,
+            "restore_continue_ms": rc_ms, "recompute_prefix_ms": re_ms,
+            "restore_continue_speedup": re_ms / rc_ms,
+        }
+        rows.append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        s.close()
+    return {"benchmark": "checkpoint", "model": loaded.name, "dtype": args.dtype,
+            "env": environment(args.device), "reps": args.reps, "rows": rows,
+            "command": " ".join(sys.argv)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--shape", default="llama-1b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--out", default=None, help="result name (default checkpoint_<device>)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, CPU, 2 reps, no result file")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.shape, args.dtype, args.contexts, args.reps = "cpu", "tiny-llama", "float32", [16, 64], 2
+    with torch.inference_mode():
+        result = run(args)
+    if not args.smoke:
+        print("wrote", write_result(args.out or f"checkpoint_{torch.device(args.device).type}", result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
