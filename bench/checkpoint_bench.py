@@ -82,6 +82,14 @@ def run(args) -> dict:
         recompute()                            # warm-up
         rc_ms, _ = median_ms(restore_continue, args.reps, args.device)
         re_ms, _ = median_ms(recompute, args.reps, args.device)
+        ids = torch.tensor([prompt], device=args.device)
+
+        def prefill():                         # the prefix alone, as a plain HF forward
+            from transformers import DynamicCache
+            loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1,
+                         **{loaded.cache_kwarg: DynamicCache(config=loaded.model.config)})
+        prefill()
+        prefill_ms, _ = median_ms(prefill, args.reps, args.device)
         store.delete(ck.id, "bench")
         copy_ms = sorted(copy)[len(copy) // 2]
         row = {
@@ -96,6 +104,7 @@ def run(args) -> dict:
             "copy_gb_s": ck.nbytes / copy_ms / 1e6, "pinned_d2h_gb_s": ck.nbytes / base["d2h_ms"] / 1e6,
             "restore_continue_ms": rc_ms, "recompute_prefix_ms": re_ms,
             "restore_continue_speedup": re_ms / rc_ms,
+            "prefill_ms": prefill_ms, "restore_vs_prefill_speedup": prefill_ms / restore_ms,
         }
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)

@@ -67,10 +67,18 @@ def copy_interventions(iv: Interventions) -> Interventions:
 
 
 def kv_slices(cache, length: int) -> list:
+    """(keys, values) of each layer cut to ``length`` positions (views, no copy). Paused
+    mid-forward, the layers before the pause already hold this token's entries: cut off."""
     if cache is None or length == 0:
         return []
-    return [(layer.keys[..., :length, :], layer.values[..., :length, :])
-            for layer in cache.layers if layer.is_initialized]
+    out = []
+    for layer in cache.layers:
+        if layer.is_initialized:
+            k, v = layer.keys, layer.values
+            if k.shape[-2] != length:
+                k, v = k.narrow(-2, 0, length), v.narrow(-2, 0, length)
+            out.append((k, v))
+    return out
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -78,37 +86,74 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 def copy_to_host(slices: list, device: torch.device):
-    """Host copies of ``slices``; on CUDA into one pinned buffer (from torch's caching
-    pinned-memory pool) on a side stream, ordered after the kernels already queued on the
-    current stream, without waiting for them. Returns (host tensor pairs, done event)."""
+    """Host copies of ``slices``, without waiting for anything on CUDA: the keys and
+    values are stacked into one device buffer by one kernel queued on the current
+    stream (so after the kernels that wrote the cache, and before any that free it), and
+    a side stream copies that buffer into one pinned host buffer (from torch's caching
+    pinned-memory pool) while generation goes on. Returns (host tensor pairs, done event)."""
     if not slices:
         return [], None
     if device.type != "cuda":
         return [(k.clone(), v.clone()) for k, v in slices], None
     flat = [t for pair in slices for t in pair]
-    sizes = [t.numel() for t in flat]
     stream = side_stream(device)
-    stream.wait_stream(torch.cuda.current_stream(device))   # after the kernels that wrote the cache
-    buffer = torch.empty(sum(sizes), dtype=flat[0].dtype, pin_memory=True)
-    hosts = [part.view(t.shape) for part, t in zip(buffer.split(sizes), flat)]
-    with torch.cuda.stream(stream):
-        torch._foreach_copy_(hosts, flat, non_blocking=True)
-        for t in flat:
-            t.record_stream(stream)           # the cache may free t while the copy runs
-        done = torch.cuda.Event()
-        done.record(stream)
+    if all(t.shape == flat[0].shape for t in flat):
+        staged = torch.stack(flat)                           # [2 * layers, batch, heads, pos, dim]
+        stream.wait_stream(torch.cuda.current_stream(device))
+        host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
+        with torch.cuda.stream(stream):
+            host.copy_(staged, non_blocking=True)
+            staged.record_stream(stream)      # freed by the allocator only after the copy
+            done = torch.cuda.Event()
+            done.record(stream)
+        hosts = list(host.unbind(0))
+    else:                                                    # layers of different shapes
+        stream.wait_stream(torch.cuda.current_stream(device))
+        hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in flat]
+        with torch.cuda.stream(stream):
+            torch._foreach_copy_(hosts, flat, non_blocking=True)
+            for t in flat:
+                t.record_stream(stream)
+            done = torch.cuda.Event()
+            done.record(stream)
     return list(zip(hosts[0::2], hosts[1::2])), done
 
 
 def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
-    """A fresh DynamicCache on the model's device holding the checkpoint's keys/values."""
+    """A fresh DynamicCache on the model's device holding the checkpoint's keys/values
+    (one host-to-device copy when the host tensors share one buffer)."""
     from transformers import DynamicCache
     cache = DynamicCache(config=loaded.model.config)
-    if ck.done_event is not None and loaded.device.type == "cuda":
-        torch.cuda.current_stream(loaded.device).wait_event(ck.done_event)
-    for i, (k, v) in enumerate(ck.kv):
-        cache.update(k.to(loaded.device, non_blocking=True), v.to(loaded.device, non_blocking=True), i)
+    if not ck.kv:
+        return cache
+    device = loaded.device
+    flat = [t for pair in ck.kv for t in pair]
+    if device.type == "cuda":
+        if ck.done_event is not None:
+            torch.cuda.current_stream(device).wait_event(ck.done_event)
+        base = flat[0]._base
+        if base is not None and all(t._base is base for t in flat) and base.shape[0] == len(flat):
+            flat = list(base.to(device, non_blocking=True).unbind(0))
+        else:
+            flat = [t.to(device, non_blocking=True) for t in flat]
+    else:
+        flat = [t.to(device, copy=True) for t in flat]   # never alias the checkpoint's tensors
+    for i in range(len(ck.kv)):
+        _fill_layer(cache, i, flat[2 * i], flat[2 * i + 1])
     return cache
+
+
+def _fill_layer(cache, index: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Put restored keys/values into an empty cache layer. ``update()`` would copy them
+    once more on the device (a cat onto an empty tensor); a DynamicLayer takes them as
+    they are. Other layer types go through ``update()``."""
+    from transformers.cache_utils import DynamicLayer
+    layer = cache.layers[index] if index < len(cache.layers) else None
+    if type(layer) is DynamicLayer and not layer.is_initialized:
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+    else:
+        cache.update(keys, values, index)
 
 
 class CheckpointStore:
