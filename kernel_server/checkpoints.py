@@ -4,6 +4,7 @@ and the durable file format (safetensors + JSON metadata + a content hash).
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import json
 import struct
@@ -44,7 +45,7 @@ class Checkpoint:
     kv: list                   # [(keys, values)] on the host, [batch, heads, positions, head_dim]
     nbytes: int
     created: float = field(default_factory=time.time)
-    done_event: object = None  # torch.cuda.Event while the copy may still run
+    done_event: object = None  # torch.cuda.Event (or _HostCopy on CPU) while the copy may run
     dispatch_ms: float = 0.0
 
     def ready(self) -> bool:
@@ -85,6 +86,24 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+class _HostCopy:
+    """On CPU the copy is a plain clone, run by one background thread so that
+    ``checkpoint()`` returns at once; ``query``/``synchronize`` as a CUDA event has."""
+    _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="djinn-ckpt-copy")
+
+    def __init__(self, slices: list, out: list):
+        def copy():
+            with torch.inference_mode():
+                out.extend((k.clone(), v.clone()) for k, v in slices)
+        self._future = self._pool.submit(copy)
+
+    def query(self) -> bool:
+        return self._future.done()
+
+    def synchronize(self) -> None:
+        self._future.result()
+
+
 def copy_to_host(slices: list, device: torch.device):
     """Host copies of ``slices``, without waiting for anything on CUDA: the keys and
     values are stacked into one device buffer by one kernel queued on the current
@@ -94,7 +113,8 @@ def copy_to_host(slices: list, device: torch.device):
     if not slices:
         return [], None
     if device.type != "cuda":
-        return [(k.clone(), v.clone()) for k, v in slices], None
+        hosts: list = []        # filled by the copy thread: read only after wait()
+        return hosts, _HostCopy(slices, hosts)
     flat = [t for pair in slices for t in pair]
     stream = side_stream(device)
     if all(t.shape == flat[0].shape for t in flat):
@@ -124,12 +144,14 @@ def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
     (one host-to-device copy when the host tensors share one buffer)."""
     from transformers import DynamicCache
     cache = DynamicCache(config=loaded.model.config)
+    device = loaded.device
+    if device.type != "cuda":
+        ck.wait()                # (on CUDA the copy back is ordered after the event instead)
     if not ck.kv:
         return cache
-    device = loaded.device
     flat = [t for pair in ck.kv for t in pair]
     if device.type == "cuda":
-        if ck.done_event is not None:
+        if isinstance(ck.done_event, torch.cuda.Event):
             torch.cuda.current_stream(device).wait_event(ck.done_event)
         base = flat[0]._base
         if base is not None and all(t._base is base for t in flat) and base.shape[0] == len(flat):
