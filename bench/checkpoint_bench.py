@@ -38,7 +38,8 @@ def raw_copy_ms(nbytes: int, device, reps: int) -> dict:
 
 def run(args) -> dict:
     loaded = random_llama(args.shape, args.device, args.dtype, max_positions=max(args.contexts) + 64)
-    store = CheckpointStore(budget_bytes=64 << 30)
+    store = CheckpointStore(budget_bytes=64 << 30, pinned_pool_bytes=args.pinned_pool_mb << 20)
+    store.prepare(loaded.device)
     gen = torch.Generator().manual_seed(0)
     rows = []
     for ctx in args.contexts:
@@ -121,6 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--pinned-pool-mb", type=int, default=512, help="as the server option (0: none)")
     p.add_argument("--out", default=None, help="result name (default checkpoint_<device>)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, 2 reps, no result file")
     args = p.parse_args(argv)

@@ -22,7 +22,8 @@ class Checkpoint:
         self.model: str = info["model"]
         self.step: int = info["step"]
         self.positions: int = info["positions"]
-        self.nbytes: int = info["nbytes"]
+        self.nbytes: int = info["nbytes"]          # host memory held: KV cache + logit rows
+        self.kv_nbytes: int = info["kv_nbytes"]    # the KV cache alone
         self.dispatch_ms: float = info.get("dispatch_ms", 0.0)
 
     def ready(self) -> bool:

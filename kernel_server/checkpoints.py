@@ -45,20 +45,31 @@ class Checkpoint:
     kv: list                   # [(keys, values)] on the host, [batch, heads, positions, head_dim]
     nbytes: int
     created: float = field(default_factory=time.time)
-    done_event: object = None  # torch.cuda.Event (or _HostCopy on CPU) while the copy may run
+    copy: object = None  # BackgroundCopy while the copy may run (None: loaded from a file)
     dispatch_ms: float = 0.0
+    release: object = None     # gives a pinned-arena block back
+    kv_nbytes: int = 0         # of nbytes, the keys and values
 
     def ready(self) -> bool:
-        return self.done_event is None or self.done_event.query()
+        return self.copy is None or self.copy.query()
 
     def wait(self) -> None:
-        if self.done_event is not None:
-            self.done_event.synchronize()
+        if self.copy is not None:
+            self.copy.synchronize()
+
+    def free(self) -> None:
+        """Give the host memory back (after the copy finished)."""
+        self.wait()
+        if self.release is not None:
+            self.release()
+            self.release = None
+        self.kv = []
 
     def describe(self) -> dict:
         return {"id": self.id, "model": self.model, "step": self.state.step,
                 "positions": self.state.kv_length, "tokens": len(self.state.tokens),
-                "nbytes": self.nbytes, "ready": self.ready(), "created": self.created,
+                "nbytes": self.nbytes, "kv_nbytes": self.kv_nbytes,
+                "ready": self.ready(), "created": self.created,
                 "dispatch_ms": self.dispatch_ms}
 
 
@@ -86,46 +97,102 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class _HostCopy:
-    """On CPU the copy is a plain clone, run by one background thread so that
-    ``checkpoint()`` returns at once; ``query``/``synchronize`` as a CUDA event has."""
+class PinnedArena:
+    """Pinned host memory allocated once, handed out in blocks to checkpoints.
+
+    A fresh pinned allocation (cudaHostAlloc) takes 7 ms for 4 MiB and about 50 ms for
+    128 MiB, and holds the CUDA driver meanwhile: no way to make ``checkpoint()``
+    non-blocking. The arena pays that once, at server start; a checkpoint that does not
+    fit falls back to torch's caching pinned allocator."""
+
+    ALIGN = 512
+
+    def __init__(self, nbytes: int, buffer: torch.Tensor | None = None):
+        self.buffer = buffer if buffer is not None else torch.empty(nbytes, dtype=torch.uint8,
+                                                                     pin_memory=True)
+        self._free = [(0, nbytes)]            # (offset, size), sorted by offset
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int):
+        """A block of at least ``nbytes``: (uint8 tensor view, release function) or None."""
+        size = -(-nbytes // self.ALIGN) * self.ALIGN
+        with self._lock:
+            for i, (off, free) in enumerate(self._free):
+                if free >= size:
+                    self._free[i:i + 1] = [(off + size, free - size)] if free > size else []
+                    return self.buffer[off:off + nbytes], lambda: self._give_back(off, size)
+        return None
+
+    def _give_back(self, off: int, size: int) -> None:
+        with self._lock:
+            blocks = sorted(self._free + [(off, size)])
+            merged = [blocks[0]]
+            for o, n in blocks[1:]:
+                last_o, last_n = merged[-1]
+                if last_o + last_n == o:
+                    merged[-1] = (last_o, last_n + n)
+                else:
+                    merged.append((o, n))
+            self._free = merged
+
+
+class BackgroundCopy:
+    """A copy to host memory still in flight: ``query``/``synchronize`` as on a CUDA event.
+    On CPU the copy is a plain clone run by one background thread."""
     _pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="djinn-ckpt-copy")
 
-    def __init__(self, slices: list, out: list):
-        def copy():
-            with torch.inference_mode():
-                out.extend((k.clone(), v.clone()) for k, v in slices)
-        self._future = self._pool.submit(copy)
+    def __init__(self, event=None, job=None):
+        self.event = event
+        self._future = self._pool.submit(job) if job is not None else None
 
     def query(self) -> bool:
-        return self._future.done()
+        if self._future is not None and not self._future.done():
+            return False
+        return self.event is None or self.event.query()
 
     def synchronize(self) -> None:
-        self._future.result()
+        if self._future is not None:
+            self._future.result()
+        if self.event is not None:
+            self.event.synchronize()
 
 
-def copy_to_host(slices: list, device: torch.device):
-    """Host copies of ``slices``, without waiting for anything on CUDA: the keys and
-    values are stacked into one device buffer by one kernel queued on the current
-    stream (so after the kernels that wrote the cache, and before any that free it), and
-    a side stream copies that buffer into one pinned host buffer (from torch's caching
-    pinned-memory pool) while generation goes on. Returns (host tensor pairs, done event)."""
+def copy_to_host(slices: list, device: torch.device, arena: PinnedArena | None = None):
+    """Start copying ``slices`` to host memory without waiting for anything. Returns
+    (list of (keys, values) host pairs, BackgroundCopy, release function or None).
+
+    CUDA: the keys and values are stacked into one device buffer by one kernel queued on
+    the current stream (after the kernels that wrote the cache, before any that free it);
+    a side stream copies that into one pinned host buffer (from the arena, else torch's
+    caching pinned allocator) while generation goes on. CPU: clones, in a thread."""
     if not slices:
-        return [], None
-    if device.type != "cuda":
-        hosts: list = []        # filled by the copy thread: read only after wait()
-        return hosts, _HostCopy(slices, hosts)
+        return [], None, None
     flat = [t for pair in slices for t in pair]
+    if device.type != "cuda":
+        out: list = []
+
+        def clone():
+            with torch.inference_mode():
+                hosts = [t.clone() for t in flat]
+            out.extend(zip(hosts[0::2], hosts[1::2]))
+        return out, BackgroundCopy(job=clone), None
     stream = side_stream(device)
+    release = None
     if all(t.shape == flat[0].shape for t in flat):
         staged = torch.stack(flat)                           # [2 * layers, batch, heads, pos, dim]
+        nbytes = staged.numel() * staged.element_size()
+        block = arena.take(nbytes) if arena is not None else None
+        if block is not None:
+            raw, release = block
+            host = raw.view(staged.dtype).view(staged.shape)
+        else:
+            host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
         stream.wait_stream(torch.cuda.current_stream(device))
-        host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
         with torch.cuda.stream(stream):
             host.copy_(staged, non_blocking=True)
             staged.record_stream(stream)      # freed by the allocator only after the copy
-            done = torch.cuda.Event()
-            done.record(stream)
+            event = torch.cuda.Event()
+            event.record(stream)
         hosts = list(host.unbind(0))
     else:                                                    # layers of different shapes
         stream.wait_stream(torch.cuda.current_stream(device))
@@ -134,9 +201,9 @@ def copy_to_host(slices: list, device: torch.device):
             torch._foreach_copy_(hosts, flat, non_blocking=True)
             for t in flat:
                 t.record_stream(stream)
-            done = torch.cuda.Event()
-            done.record(stream)
-    return list(zip(hosts[0::2], hosts[1::2])), done
+            event = torch.cuda.Event()
+            event.record(stream)
+    return list(zip(hosts[0::2], hosts[1::2])), BackgroundCopy(event=event), release
 
 
 def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
@@ -145,14 +212,15 @@ def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
     from transformers import DynamicCache
     cache = DynamicCache(config=loaded.model.config)
     device = loaded.device
-    if device.type != "cuda":
-        ck.wait()                # (on CUDA the copy back is ordered after the event instead)
+    copy = ck.copy
+    if copy is not None and device.type != "cuda":
+        copy.synchronize()               # (on CUDA the copy back is ordered after the event)
     if not ck.kv:
         return cache
     flat = [t for pair in ck.kv for t in pair]
     if device.type == "cuda":
-        if isinstance(ck.done_event, torch.cuda.Event):
-            torch.cuda.current_stream(device).wait_event(ck.done_event)
+        if copy is not None and copy.event is not None:
+            torch.cuda.current_stream(device).wait_event(copy.event)
         base = flat[0]._base
         if base is not None and all(t._base is base for t in flat) and base.shape[0] == len(flat):
             flat = list(base.to(device, non_blocking=True).unbind(0))
@@ -181,10 +249,19 @@ def _fill_layer(cache, index: int, keys: torch.Tensor, values: torch.Tensor) -> 
 class CheckpointStore:
     """All checkpoints of a server, each owned by one client, within a host-memory budget."""
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, pinned_pool_bytes: int = 0):
         self.budget_bytes = budget_bytes
+        self.pinned_pool_bytes = min(pinned_pool_bytes, budget_bytes)
+        self.arena: PinnedArena | None = None
         self._items: dict[str, Checkpoint] = {}
         self._lock = threading.Lock()
+
+    def prepare(self, device: torch.device) -> None:
+        """Allocate the pinned arena now (CUDA only), so no checkpoint pays for it."""
+        if device.type == "cuda":
+            side_stream(device)
+            if self.arena is None and self.pinned_pool_bytes > 0:
+                self.arena = PinnedArena(self.pinned_pool_bytes)
 
     @property
     def used_bytes(self) -> int:
@@ -201,12 +278,15 @@ class CheckpointStore:
              interventions: Interventions) -> Checkpoint:
         t0 = time.perf_counter()
         slices = kv_slices(cache, state.kv_length)
-        nbytes = sum(_nbytes(k) + _nbytes(v) for k, v in slices)
+        # the budget counts what the checkpoint holds: keys/values and any logit rows
+        kv_nbytes = sum(_nbytes(k) + _nbytes(v) for k, v in slices)
+        nbytes = kv_nbytes + sum(r.nbytes for r in state.logits)
         with self._lock:
             self._reserve(nbytes)
-            hosts, done = copy_to_host(slices, loaded.device)
+            hosts, done, release = copy_to_host(slices, loaded.device, self.arena)
             ck = Checkpoint(uuid.uuid4().hex[:12], owner, loaded.name, state,
-                            copy_interventions(interventions), hosts, nbytes, done_event=done)
+                            copy_interventions(interventions), hosts, nbytes, copy=done,
+                            release=release, kv_nbytes=kv_nbytes)
             self._items[ck.id] = ck
         ck.dispatch_ms = (time.perf_counter() - t0) * 1e3
         return ck
@@ -225,17 +305,18 @@ class CheckpointStore:
 
     def delete(self, ck_id, owner: str) -> None:
         ck = self.get(ck_id, owner)
-        ck.wait()
         with self._lock:
             self._items.pop(ck.id, None)
+        ck.free()
 
     def list(self, owner: str) -> list[dict]:
         return [c.describe() for c in self._items.values() if c.owner == owner]
 
     def drop_owner(self, owner: str) -> None:
         with self._lock:
-            for ck_id in [i for i, c in self._items.items() if c.owner == owner]:
-                self._items.pop(ck_id).wait()
+            mine = [self._items.pop(i) for i, c in list(self._items.items()) if c.owner == owner]
+        for ck in mine:
+            ck.free()
 
 
 # ---- the file format ---------------------------------------------------------------------
@@ -349,6 +430,7 @@ def from_bytes(data, loaded: LoadedModel, owner: str) -> Checkpoint:
     logits = list(tensors["logits"].numpy()) if "logits" in tensors else []
     state = GenState(meta["prompt_ids"], meta["tokens"], meta["step"], meta["records"], logits,
                      GenerationConfig(**meta["config"]), meta["seed"], tensors.get("rng_state"))
-    nbytes = sum(_nbytes(k) + _nbytes(v) for k, v in kv)
+    kv_nbytes = sum(_nbytes(k) + _nbytes(v) for k, v in kv)
     return Checkpoint(uuid.uuid4().hex[:12], owner, loaded.name, state, Interventions(bps, rules),
-                      kv, nbytes, created=meta["created"])
+                      kv, kv_nbytes + sum(r.nbytes for r in logits), created=meta["created"],
+                      kv_nbytes=kv_nbytes)

@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-sessions-per-client", type=int, default=d.max_sessions_per_client)
     p.add_argument("--checkpoint-budget-mb", type=float, default=d.checkpoint_budget_mb,
                    help="host memory for checkpoints; going over it is an error (default %(default)s)")
+    p.add_argument("--pinned-pool-mb", type=float, default=d.pinned_pool_mb,
+                   help="on CUDA, pinned host memory allocated at start for checkpoints, so that "
+                        "checkpoint() never waits for an allocation (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -48,11 +51,12 @@ def main(argv=None) -> int:
     from .server import Kernel, KernelServer
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                     max_sessions_per_client=args.max_sessions_per_client,
-                    checkpoint_budget_mb=args.checkpoint_budget_mb)
+                    checkpoint_budget_mb=args.checkpoint_budget_mb,
+                    pinned_pool_mb=args.pinned_pool_mb)
     try:
         kernel = Kernel(args.model, args.device, args.dtype, limits,
                         allow_load=not args.no_load_on_request)
-        kernel.models.get()          # load the default model before saying ready
+        kernel.checkpoints.prepare(kernel.models.get().device)   # load and allocate before "ready"
         server = KernelServer(kernel, args.host, args.port)
     except DjinnError as exc:
         print(f"kernel_server: {exc}", file=sys.stderr)

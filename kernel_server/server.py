@@ -53,7 +53,8 @@ class Kernel:
         self.limits = limits or Limits()
         self.models = ModelRegistry(model, device, dtype, allow_load)
         self.sessions = SessionManager(self.limits)
-        self.checkpoints = CheckpointStore(int(self.limits.checkpoint_budget_mb * 2**20))
+        self.checkpoints = CheckpointStore(int(self.limits.checkpoint_budget_mb * 2**20),
+                                           int(self.limits.pinned_pool_mb * 2**20))
         self.bulk_host = "127.0.0.1"   # where one-shot bulk listeners bind (the server's host)
 
     def info(self) -> dict:

@@ -27,6 +27,7 @@ class Limits:
     max_sessions_per_client: int = 64
     max_step_list: int = 100_000
     checkpoint_budget_mb: float = 4096.0
+    pinned_pool_mb: float = 512.0          # pinned host memory allocated at start (CUDA)
     max_upload_mb: float = 16384.0
 
 

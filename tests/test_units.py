@@ -72,3 +72,23 @@ def test_import_djinn_nb_is_light():
     code = "import sys, djinn_nb; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_pinned_arena_hands_out_and_coalesces_blocks():
+    from kernel_server.checkpoints import PinnedArena
+    arena = PinnedArena(4096, buffer=torch.zeros(4096, dtype=torch.uint8))  # plain memory on CPU
+    a, free_a = arena.take(1000)          # rounded up to 1024
+    b, free_b = arena.take(1024)
+    c, free_c = arena.take(2048)
+    assert a.numel() == 1000 and b.numel() == 1024 and c.numel() == 2048
+    assert arena.take(1) is None          # full: the caller falls back to torch's allocator
+    a.fill_(1)
+    assert int(b.sum()) == 0 and int(c.sum()) == 0       # blocks do not overlap
+    free_b()
+    free_a()
+    big, free_big = arena.take(2048)      # a and b merged back into one block
+    assert big.data_ptr() == a.data_ptr()
+    free_big()
+    free_c()
+    whole, _ = arena.take(4096)
+    assert whole.numel() == 4096
