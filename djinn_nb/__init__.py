@@ -16,9 +16,10 @@ from .results import Finished, GenerationResult, Paused, StepRecord
 from .client import Client, connect
 from .session import Session
 from .checkpoint import Checkpoint
+from .divergence import Divergence, divergence
 
 __all__ = [
-    "connect", "Client", "Session", "Checkpoint", "CheckpointError", "TransferError", "Paused", "Finished", "GenerationResult", "StepRecord",
+    "connect", "divergence", "Divergence", "Client", "Session", "Checkpoint", "CheckpointError", "TransferError", "Paused", "Finished", "GenerationResult", "StepRecord",
     "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
     "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",
     "UnknownSessionError", "StateError", "NotPausedError", "SessionBusyError", "SessionClosedError",
