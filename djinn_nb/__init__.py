@@ -8,7 +8,7 @@
 """
 __version__ = "0.1.0"
 
-from .errors import (CheckpointError, TransferError, ConnectionLostError, DjinnError, InvalidArgumentError, InvalidEditError,
+from .errors import (AuthenticationFailedError, CheckpointError, TransferError, ConnectionLostError, DjinnError, InvalidArgumentError, InvalidEditError,
                      LayerOutOfRangeError, LimitExceededError, NotPausedError, ServerError,
                      SessionBusyError, SessionClosedError, StateError, UnknownModelError,
                      UnknownSessionError, UnsupportedModelError)
@@ -19,8 +19,19 @@ from .checkpoint import Checkpoint
 from .divergence import Divergence, divergence
 
 __all__ = [
-    "connect", "divergence", "Divergence", "Client", "Session", "Checkpoint", "CheckpointError", "TransferError", "Paused", "Finished", "GenerationResult", "StepRecord",
+    "connect", "divergence", "Divergence", "Client", "Session", "Checkpoint", "CheckpointError", "TransferError", "AuthenticationFailedError", "Paused", "Finished", "GenerationResult", "StepRecord",
     "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
     "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",
     "UnknownSessionError", "StateError", "NotPausedError", "SessionBusyError", "SessionClosedError",
 ]
+
+
+def __getattr__(name):
+    # lazy: `dj.plots` needs plotly and `dj.Dashboard` ipywidgets; `import djinn_nb` stays light
+    if name == "plots":
+        import importlib
+        return importlib.import_module(".plots", __name__)
+    if name == "Dashboard":
+        from widgets import Dashboard
+        return Dashboard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,6 +8,7 @@ import time
 from typing import Any
 
 from . import wire
+from .auth import client_handshake
 from .errors import ConnectionLostError, DjinnError, InvalidArgumentError, error_class
 
 DEFAULT_PORT = 18861
@@ -57,10 +58,11 @@ class Client:
     """A connection to one kernel server. Open sessions with :meth:`session`."""
 
     def __init__(self, address: str, timeout: float | None = None, local_server=None,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, token: str | None = None):
         import rpyc
         self.address = address
         self._local_server = local_server
+        self._token = token
         host, port = parse_address(address)
         try:
             stream, self._counter = _counting_stream(host, port, connect_timeout)
@@ -68,6 +70,13 @@ class Client:
             raise ConnectionLostError(f"cannot reach a kernel server at {address}: {exc}. "
                                       "Start one with `python -m kernel_server`, or call "
                                       "dj.connect() with no address to launch a local one.") from None
+        try:
+            stream.sock.settimeout(connect_timeout)
+            client_handshake(stream.sock, token)
+            stream.sock.settimeout(None)
+        except BaseException:
+            stream.close()
+            raise
         config = dict(CLIENT_CONFIG, sync_request_timeout=timeout)
         self._conn = rpyc.connect_stream(stream, rpyc.VoidService, config=config)
         self._methods: dict[str, Any] = {}
@@ -155,7 +164,7 @@ class Client:
         """Open a new connection to the same address (sessions of the old one are gone)."""
         old_server = self._local_server
         self._close_conn()
-        self.__init__(self.address, local_server=old_server)
+        self.__init__(self.address, local_server=old_server, token=self._token)
 
     def _close_conn(self) -> None:
         self._closed = True
@@ -187,17 +196,19 @@ class Client:
                 f"default model {self.server_info.get('default_model')}>")
 
 
-def connect(address: str | None = None, *, model: str | None = None, device: str | None = None,
-            dtype: str | None = None, timeout: float | None = None, progress: bool = True) -> Client:
+def connect(address: str | None = None, *, token: str | None = None, model: str | None = None,
+            device: str | None = None, dtype: str | None = None, timeout: float | None = None,
+            progress: bool = True) -> Client:
     """Connect to a kernel server at ``"host:port"``.
 
     With no address: the server named by the ``DJINN_SERVER`` environment variable if set
     (``make lab`` sets it for its notebooks), else a local server launched now (on
-    ``model``, default the embedded smollm2-135m) that stops when the client closes."""
+    ``model``, default the embedded smollm2-135m) that stops when the client closes.
+    ``token``: the shared secret of a server started with one (default ``$DJINN_TOKEN``)."""
     if address is None and os.environ.get(SERVER_ENV) and model is None and device is None:
         address = os.environ[SERVER_ENV]
     if address is not None:
-        return Client(address, timeout=timeout)
+        return Client(address, timeout=timeout, token=token)
     from .launcher import LocalServer
     server = LocalServer(model=model, device=device, dtype=dtype, progress=progress)
     try:

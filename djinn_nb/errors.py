@@ -14,6 +14,10 @@ class ConnectionLostError(DjinnError, ConnectionError):
     """The kernel server went away (died, was stopped, or the network broke)."""
 
 
+class AuthenticationFailedError(DjinnError, PermissionError):
+    """The server wants a token and none, or a wrong one, was given."""
+
+
 class ServerError(DjinnError):
     """An unexpected failure inside the kernel server (a bug: please report it)."""
 
@@ -71,7 +75,7 @@ class SessionClosedError(StateError):
 
 
 _BY_NAME = {cls.__name__: cls for cls in [
-    DjinnError, ConnectionLostError, ServerError, InvalidArgumentError, UnknownModelError,
+    DjinnError, ConnectionLostError, AuthenticationFailedError, ServerError, InvalidArgumentError, UnknownModelError,
     UnsupportedModelError, LayerOutOfRangeError, InvalidEditError, LimitExceededError,
     UnknownSessionError, TransferError, CheckpointError, StateError, NotPausedError, SessionBusyError, SessionClosedError,
 ]}

@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .models import DEFAULT_MODEL, REGISTRY
 from .validation import Limits
@@ -18,7 +19,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model loaded at start and used by default: {', '.join(REGISTRY)}, "
                         "a Hugging Face id, a local directory or a .gguf file (default %(default)s)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback only for now)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default %(default)s); any other than loopback needs a token")
+    p.add_argument("--token-file", default=None,
+                   help="file holding the shared secret clients must prove (else $DJINN_TOKEN)")
     p.add_argument("--port", type=int, default=18861, help="port; 0 picks a free one (default %(default)s)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
     p.add_argument("--dtype", default="auto", help="auto (float32), float32, float16, bfloat16")
@@ -57,8 +61,12 @@ def main(argv=None) -> int:
         kernel = Kernel(args.model, args.device, args.dtype, limits,
                         allow_load=not args.no_load_on_request)
         kernel.checkpoints.prepare(kernel.models.get().device)   # load and allocate before "ready"
-        server = KernelServer(kernel, args.host, args.port)
-    except DjinnError as exc:
+        token = None
+        if args.token_file:
+            token = Path(args.token_file).read_text().strip() or None
+        token = token or os.environ.get("DJINN_TOKEN") or None
+        server = KernelServer(kernel, args.host, args.port, token=token)
+    except (DjinnError, OSError) as exc:
         print(f"kernel_server: {exc}", file=sys.stderr)
         return 2
     info = kernel.models.get().info()

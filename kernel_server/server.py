@@ -13,6 +13,7 @@ from djinn_nb import __version__
 from djinn_nb.errors import InvalidArgumentError
 from .models import DEFAULT_MODEL, REGISTRY, ModelRegistry
 from .service import KernelService
+from .auth import TokenAuthenticator
 from .checkpoints import CheckpointStore
 from .sessions import SessionManager
 from .validation import Limits
@@ -67,15 +68,17 @@ class Kernel:
 class KernelServer:
     """A running server; ``start()`` in a thread (tests) or ``serve_forever()`` (CLI)."""
 
-    def __init__(self, kernel: Kernel, host: str = "127.0.0.1", port: int = 0):
-        if not is_loopback(host):
+    def __init__(self, kernel: Kernel, host: str = "127.0.0.1", port: int = 0,
+                  token: str | None = None):
+        if not is_loopback(host) and not token:
             raise InvalidArgumentError(
-                f"refusing to bind {host}: only loopback addresses are served until token "
-                "authentication exists; reach a remote server through an SSH tunnel")
+                f"refusing to bind {host} without a token: any address but loopback needs "
+                "--token-file FILE or $DJINN_TOKEN (clients then pass dj.connect(..., token=...))")
         self.kernel = kernel
         kernel.bulk_host = host
         self._server = ThreadedServer(classpartial(KernelService, kernel), hostname=host, port=port,
                                       protocol_config=PROTOCOL_CONFIG, reuse_addr=True,
+                                      authenticator=TokenAuthenticator(token),
                                       logger=logging.getLogger("kernel_server.rpyc"))
         # listen now, before anyone is told the address (rpyc would only listen in start())
         self._server._listen()
