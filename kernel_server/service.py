@@ -33,13 +33,19 @@ def _bind(fn, args: dict):
 
 
 def remote(fn):
-    """Unpack the request, translate errors, pack the result."""
+    """Unpack the request, check it fits the signature, translate errors, pack the result."""
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def wrapper(self, packed=None):
         try:
             args = {} if packed is None else unpack(packed)
             if not isinstance(args, dict):
                 raise InvalidArgumentError("request arguments must be a dict")
+            try:
+                signature.bind(self, **args)
+            except TypeError as exc:
+                raise InvalidArgumentError(f"{fn.__name__.removeprefix('exposed_')}(): {exc}") from None
             return pack({"ok": fn(self, **args)})
         except DjinnError as exc:
             return _error(exc)
