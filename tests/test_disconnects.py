@@ -1,0 +1,122 @@
+"""Clients and servers that die: sessions are released, others never stall, and a client
+gets a clear error in bounded time and can reconnect to a restarted server."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+import djinn_nb as dj
+
+PROMPT = "The capital of France is"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(port: int = 0):
+    proc = subprocess.Popen([sys.executable, "-m", "kernel_server", "--model", "tiny-gpt2",
+                             "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("DJINN_SERVER_READY"), line
+    return proc, line.split()[1]
+
+
+def wait_for(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_killed_client_releases_its_paused_sessions():
+    proc, address = start_server()
+    try:
+        with dj.connect(address) as watcher:
+            reference = watcher.session().generate(PROMPT, max_new_tokens=8,
+                                                   stop_at_eos=False).tokens
+            script = textwrap.dedent(f"""
+                import djinn_nb as dj, time
+                c = dj.connect({address!r})
+                for _ in range(3):
+                    s = c.session()
+                    s.breakpoint(layer=4)
+                    assert s.generate({PROMPT!r}, max_new_tokens=8).paused
+                print("PAUSED", flush=True)
+                time.sleep(600)
+            """)
+            victim = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                      text=True)
+            assert victim.stdout.readline().strip() == "PAUSED"
+            sessions = lambda: watcher._call("hello")["sessions"]
+            assert sessions() == 4
+            # another client keeps generating while the victim's sessions sit paused
+            assert watcher.session().generate(PROMPT, max_new_tokens=8,
+                                              stop_at_eos=False).tokens == reference
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            assert wait_for(lambda: sessions() == 2), sessions()   # the victim's 3 are gone
+            assert watcher.session().generate(PROMPT, max_new_tokens=8,
+                                              stop_at_eos=False).tokens == reference
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_killed_server_gives_a_clear_error_then_reconnect_and_continue(tmp_path):
+    port = free_port()
+    proc, address = start_server(port)
+    path = tmp_path / "kept.djckpt"
+    client = dj.connect(address)
+    try:
+        s = client.session()
+        s.breakpoint(layer=3, steps=[5])
+        assert s.generate(PROMPT, max_new_tokens=20, stop_at_eos=False).paused
+        s.checkpoint().save(path)
+        original = s.resume()
+        s.clear_breakpoints()
+        outcome = {}
+
+        def long_generation():
+            t0 = time.monotonic()
+            try:
+                s.generate(PROMPT, max_new_tokens=4000, stop_at_eos=False)
+                outcome["error"] = None
+            except dj.DjinnError as exc:
+                outcome["error"] = exc
+            outcome["seconds"] = time.monotonic() - t0
+
+        worker = threading.Thread(target=long_generation)
+        worker.start()
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        worker.join(timeout=30)
+        assert not worker.is_alive(), "the client hung on a dead server"
+        assert isinstance(outcome["error"], dj.ConnectionLostError), outcome
+        assert "lost the connection" in str(outcome["error"])
+        with pytest.raises(dj.ConnectionLostError):
+            s.generate(PROMPT, max_new_tokens=2)
+        proc, address2 = start_server(port)
+        assert address2 == address
+        client.reconnect()
+        loaded = client.load_checkpoint(path)
+        assert loaded.session.resume().paused                       # its breakpoint, step 5
+        assert loaded.session.resume().tokens == original.tokens
+    finally:
+        client.close()
+        proc.kill()
+        proc.wait(timeout=30)
