@@ -100,9 +100,11 @@ def unpack(packed: Any) -> Any:
         raise InvalidArgumentError("malformed request: expected (json text, tuple of bytes)")
     try:
         plain = json.loads(packed[0])
-    except ValueError as exc:
-        raise InvalidArgumentError(f"malformed request: {exc}") from None
-    return _from_plain(plain, packed[1])
+        return _from_plain(plain, packed[1])
+    except (ValueError, RecursionError) as exc:
+        if isinstance(exc, InvalidArgumentError):
+            raise
+        raise InvalidArgumentError(f"malformed request: {str(exc)[:200]}") from None
 
 
 def packed_size(packed: Packed) -> int:

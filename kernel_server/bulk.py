@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 import socket
 import threading
+import time
 
 from djinn_nb.bulk import NONCE_BYTES, _LEN, nonce_ok, recv_exact
-from djinn_nb.errors import LimitExceededError, TransferError
+from djinn_nb.errors import ConnectionLostError, LimitExceededError, TransferError
 
 
 class BulkTransfer:
@@ -20,36 +21,49 @@ class BulkTransfer:
         self.received: bytearray | None = None
         self.error: Exception | None = None
         self._done = threading.Event()
+        self._timeout = timeout
         self._listener = socket.create_server((host, 0))
-        self._listener.settimeout(timeout)
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._serve, name="djinn-bulk", daemon=True).start()
 
     def _serve(self) -> None:
+        deadline = time.monotonic() + self._timeout
         try:
-            while True:               # a stranger with the wrong nonce does not end the offer
+            while True:        # a stranger (wrong nonce, cut-off) does not end the transfer
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("nobody fetched the transfer in time")
+                self._listener.settimeout(left)
                 conn, _ = self._listener.accept()
                 with conn:
-                    conn.settimeout(self._listener.gettimeout())
-                    if not nonce_ok(self.nonce, bytes(recv_exact(conn, NONCE_BYTES))):
+                    conn.settimeout(max(deadline - time.monotonic(), 0.01))
+                    try:
+                        if not nonce_ok(self.nonce, bytes(recv_exact(conn, NONCE_BYTES))):
+                            continue
+                        if self.payload is not None:
+                            conn.sendall(_LEN.pack(len(self.payload)))
+                            conn.sendall(self.payload)
+                        else:
+                            (n,) = _LEN.unpack(recv_exact(conn, _LEN.size))
+                            if n > self.max_bytes:
+                                raise LimitExceededError(f"upload of {n} bytes is over the "
+                                                         f"announced {self.max_bytes}")
+                            self.received = recv_exact(conn, n)
+                            conn.sendall(b"\x01")
+                        return
+                    except (OSError, ConnectionLostError):
                         continue
-                    if self.payload is not None:
-                        conn.sendall(_LEN.pack(len(self.payload)))
-                        conn.sendall(self.payload)
-                    else:
-                        (n,) = _LEN.unpack(recv_exact(conn, _LEN.size))
-                        if n > self.max_bytes:
-                            raise LimitExceededError(f"upload of {n} bytes is over the limit "
-                                                     f"of {self.max_bytes}")
-                        self.received = recv_exact(conn, n)
-                        conn.sendall(b"\x01")
-                    return
-        except Exception as exc:   # timeout, cut-off: reported by result()
+        except Exception as exc:   # timeout, over the limit: reported by result()
             self.error = exc
         finally:
             self._listener.close()
             self.payload = None
             self._done.set()
+
+    @property
+    def expired(self) -> bool:
+        """Done with no data to hand over (failed or timed out)."""
+        return self._done.is_set() and self.received is None
 
     def describe(self) -> dict:
         return {"port": self.port, "nonce": self.nonce.hex()}

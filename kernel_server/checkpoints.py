@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from djinn_nb import __version__
-from djinn_nb.errors import CheckpointError, LimitExceededError
+from djinn_nb.errors import CheckpointError, DjinnError, LimitExceededError
 from .generation import GenerationConfig, GenState
 from .interventions import Breakpoint, EditOp, Interventions, SteeringRule
 from .models import LoadedModel
@@ -83,8 +83,13 @@ def kv_slices(cache, length: int) -> list:
     mid-forward, the layers before the pause already hold this token's entries: cut off."""
     if cache is None or length == 0:
         return []
+    from transformers.cache_utils import DynamicLayer
     out = []
     for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise CheckpointError(
+                f"checkpoints support full-attention caches only; this model's cache has "
+                f"{type(layer).__name__} layers (sliding-window attention)")
         if layer.is_initialized:
             k, v = layer.keys, layer.values
             if k.shape[-2] != length:
@@ -349,9 +354,9 @@ def to_bytes(ck: Checkpoint, loaded: LoadedModel) -> bytes:
     if s.logits:
         tensors["logits"] = torch.from_numpy(np.stack(s.logits))
     rules = []
-    for r in ck.interventions.rules:
+    for index, r in enumerate(ck.interventions.rules):
         if r.op.vector is not None:
-            tensors[f"rule.{r.id}.vector"] = r.op.vector.detach().to("cpu").contiguous()
+            tensors[f"rule.{index}.vector"] = r.op.vector.detach().to("cpu").contiguous()
         rules.append({"id": r.id, "layer": r.layer, "phase": r.phase,
                       "steps": None if r.steps is None else sorted(r.steps), "kind": r.op.kind,
                       "scale": r.op.scale, "alpha": r.op.alpha,
@@ -395,8 +400,11 @@ def read_metadata(data) -> dict:
     return out
 
 
-def from_bytes(data, loaded: LoadedModel, owner: str) -> Checkpoint:
-    """Parse and verify a checkpoint file; refuses another model or any damage, whole."""
+def from_bytes(data, loaded: LoadedModel, owner: str, limits=None) -> Checkpoint:
+    """Parse and verify a checkpoint file; refuses another model or any damage, whole.
+
+    The hash catches damage, not a forger (it has no key): every field is also checked
+    as if it came through the API, against this model and this server's limits."""
     import safetensors.torch
     meta_raw = _header(data).get("__metadata__") or {}
     if "djinn" not in meta_raw or "sha256" not in meta_raw:
@@ -408,29 +416,83 @@ def from_bytes(data, loaded: LoadedModel, owner: str) -> Checkpoint:
     if _digest(meta_raw["djinn"], tensors) != meta_raw["sha256"]:
         raise CheckpointError("damaged or tampered checkpoint: its content hash does not match")
     meta = json.loads(meta_raw["djinn"])
-    if meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"unsupported checkpoint format {meta.get('format')!r}")
-    want, have = meta["identity"], _model_identity(loaded)
+    want, have = meta.get("identity"), _model_identity(loaded)
     if want != have:
-        diff = {k: (want.get(k), have[k]) for k in have if want.get(k) != have[k]}
+        diff = {k: ((want or {}).get(k), have[k]) for k in have if (want or {}).get(k) != have[k]}
         raise CheckpointError(f"checkpoint is from another model or setup: (file, this session) "
                               f"differ in {diff}")
+    try:
+        return _checked_checkpoint(meta, tensors, loaded, owner, limits)
+    except CheckpointError:
+        raise
+    except (DjinnError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+        raise CheckpointError(f"invalid checkpoint contents: {type(exc).__name__}: {exc}") from None
+
+
+def _checked_checkpoint(meta: dict, tensors: dict, loaded: LoadedModel, owner: str, limits):
+    from . import validation as V
+    limits = limits or V.Limits()
+    n_layers, vocab = loaded.num_layers, loaded.vocab_size
     dev, dtype = loaded.device, loaded.dtype
+    config_fields = set(GenerationConfig.__dataclass_fields__)
+    if not isinstance(meta["config"], dict) or set(meta["config"]) - config_fields:
+        raise CheckpointError("invalid checkpoint contents: unknown generation settings")
+    config = GenerationConfig(**meta["config"])
+    V.integer(config.max_new_tokens, "max_new_tokens", 1, limits.max_new_tokens)
+    V.number(config.temperature, "temperature", 0.0, 100.0)
+    V.integer(config.record_top_k, "record_top_k", 1, 100)
+    prompt, tokens, step = meta["prompt_ids"], meta["tokens"], V.integer(meta["step"], "step", 0)
+    for name, ids in (("prompt", prompt), ("tokens", tokens)):
+        if not isinstance(ids, list) or not all(type(t) is int and 0 <= t < vocab for t in ids):
+            raise CheckpointError(f"invalid checkpoint contents: {name} are not token ids of this model")
+    if (not prompt or len(prompt) > limits.max_prompt_tokens or tokens[:len(prompt)] != prompt
+            or len(tokens) != len(prompt) + step or step > config.max_new_tokens):
+        raise CheckpointError("invalid checkpoint contents: prompt, tokens and step disagree")
+    records = meta["records"]
+    if not isinstance(records, list) or len(records) != step or not all(
+            isinstance(r, dict) and set(r) == _RECORD_KEYS for r in records):
+        raise CheckpointError("invalid checkpoint contents: step records")
+    bps = [Breakpoint(V.layer(b["layer"], n_layers), V.choice(b["phase"], "phase", V.PHASES),
+                      V.steps(b["steps"], limits)) for b in meta["breakpoints"]]
     rules = []
-    for r in meta["rules"]:
-        vec = tensors.get(f"rule.{r['id']}.vector")
-        pos = tuple(r["positions"]) if isinstance(r["positions"], list) else r["positions"]
-        op = EditOp(r["kind"], scale=r["scale"], alpha=r["alpha"],
-                    vector=None if vec is None else vec.to(dev, dtype), positions=pos)
-        rules.append(SteeringRule(r["layer"], op, r["phase"],
-                                  None if r["steps"] is None else frozenset(r["steps"]), r["id"]))
-    bps = [Breakpoint(b["layer"], b["phase"], None if b["steps"] is None else frozenset(b["steps"]))
-           for b in meta["breakpoints"]]
-    kv = [(tensors[f"kv.{i}.keys"], tensors[f"kv.{i}.values"]) for i in range(meta["kv_layers"])]
+    for index, r in enumerate(meta["rules"]):
+        args = {"positions": r["positions"]}
+        if r["kind"] == "scale":
+            args["scale"] = r["scale"]
+        else:
+            vec = tensors.get(f"rule.{index}.vector")
+            if vec is None:
+                raise CheckpointError(f"invalid checkpoint contents: rule {index} has no vector")
+            args[V.choice(r["kind"], "kind", ("add", "set"))] = vec.float().numpy()
+            args["alpha"] = r["alpha"]
+        op = V.edit_op(args, loaded.hidden_size, dev, dtype, standing=True)
+        rules.append(SteeringRule(V.layer(r["layer"], n_layers), op,
+                                  V.choice(r["phase"], "phase", V.PHASES), V.steps(r["steps"], limits),
+                                  V.integer(r["id"], "rule id", 0)))
+    kv_len = len(tokens) - 1 if step > 0 else 0
+    n_kv = V.integer(meta["kv_layers"], "kv_layers", 0, n_layers)
+    if n_kv != (n_layers if kv_len else 0):
+        raise CheckpointError("invalid checkpoint contents: KV cache layer count")
+    kv = [(tensors[f"kv.{i}.keys"], tensors[f"kv.{i}.values"]) for i in range(n_kv)]
+    for k, v in kv:
+        if (k.dtype != dtype or v.dtype != dtype or k.dim() != 4 or k.shape[0] != 1
+                or k.shape[2] != kv_len or v.shape[:3] != k.shape[:3]):
+            raise CheckpointError("invalid checkpoint contents: KV cache shapes or dtype")
     logits = list(tensors["logits"].numpy()) if "logits" in tensors else []
-    state = GenState(meta["prompt_ids"], meta["tokens"], meta["step"], meta["records"], logits,
-                     GenerationConfig(**meta["config"]), meta["seed"], tensors.get("rng_state"))
+    if logits and (len(logits) != step or logits[0].shape != (vocab,)):
+        raise CheckpointError("invalid checkpoint contents: logit rows")
+    rng = tensors.get("rng_state")
+    if rng is not None and rng.dtype != torch.uint8:
+        raise CheckpointError("invalid checkpoint contents: RNG state")
+    state = GenState(prompt, tokens, step, records, logits, config,
+                     V.integer(meta["seed"], "seed", 0, 2**63 - 1), rng)
     kv_nbytes = sum(_nbytes(k) + _nbytes(v) for k, v in kv)
     return Checkpoint(uuid.uuid4().hex[:12], owner, loaded.name, state, Interventions(bps, rules),
-                      kv, kv_nbytes + sum(r.nbytes for r in logits), created=meta["created"],
-                      kv_nbytes=kv_nbytes)
+                      kv, kv_nbytes + sum(r.nbytes for r in logits),
+                      created=float(meta.get("created", 0.0)), kv_nbytes=kv_nbytes)
+
+
+_RECORD_KEYS = {"step", "token_id", "text", "top_ids", "top_probs", "forward_ms", "paused_ms",
+                "breakpoints", "rules"}

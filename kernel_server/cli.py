@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pinned-pool-mb", type=float, default=d.pinned_pool_mb,
                    help="on CUDA, pinned host memory allocated at start for checkpoints, so that "
                         "checkpoint() never waits for an allocation (default %(default)s)")
+    p.add_argument("--pause-timeout", type=float, default=d.pause_timeout_s,
+                   help="seconds a generation may stay paused before it is stopped and its "
+                        "memory released; the client is told why (default %(default)s)")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                     max_sessions_per_client=args.max_sessions_per_client,
                     checkpoint_budget_mb=args.checkpoint_budget_mb,
-                    pinned_pool_mb=args.pinned_pool_mb)
+                    pinned_pool_mb=args.pinned_pool_mb, pause_timeout_s=args.pause_timeout)
     try:
         kernel = Kernel(args.model, args.device, args.dtype, limits,
                         allow_load=not args.no_load_on_request)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from djinn_nb.errors import DjinnError, ServerError
+from djinn_nb.errors import DjinnError, LimitExceededError, ServerError
 from .interventions import EditOp, Interventions, apply_edit
 from .models import LoadedModel
 
@@ -27,10 +27,15 @@ _current = threading.local()
 # thread pays it once. A paused run holds its worker, so the pool is large.
 MAX_WORKERS = 512
 _WORKERS = concurrent.futures.ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="djinn-generation")
+# generations running or paused at once, server-wide: below MAX_WORKERS, so a new run never
+# waits in the pool's queue behind paused ones (a deadlock), it is refused instead
+MAX_ACTIVE_RUNS = MAX_WORKERS - 16
+_ACTIVE = threading.BoundedSemaphore(MAX_ACTIVE_RUNS)
 
 
 class _Aborted(BaseException):
-    """Raised inside a hook to unwind a paused forward pass (stop, close, disconnect)."""
+    """Raised inside a hook to unwind a paused forward pass (stop, close, disconnect,
+    pause timeout); its argument is the stop reason."""
 
 
 def install_layer_hooks(loaded: LoadedModel) -> None:
@@ -127,6 +132,7 @@ class GenerationRun:
             if state.rng_state is not None:
                 self.generator.set_state(state.rng_state)
         self.stop_reason: str | None = None
+        self.pause_timeout: float | None = None   # seconds a pause may last (None: forever)
         self.ignore_breakpoints = False
         self.step_target: tuple | None = None    # one-shot pause at (layer, step)
         self.pause: PausePoint | None = None
@@ -156,7 +162,15 @@ class GenerationRun:
         self.hot_layers = frozenset(layers)
 
     def start(self) -> dict:
-        self._future = _WORKERS.submit(self._worker)
+        if not _ACTIVE.acquire(blocking=False):
+            return {"event": "error", "error": LimitExceededError(
+                f"{MAX_ACTIVE_RUNS} generations are already running or paused on this server; "
+                "resume, stop or close some first")}
+        try:
+            self._future = _WORKERS.submit(self._worker)
+        except BaseException:
+            _ACTIVE.release()
+            raise
         return self._events.get()
 
     def command(self, what: str) -> dict:
@@ -176,8 +190,8 @@ class GenerationRun:
             with torch.inference_mode():
                 self._decode_loop()
             self._events.put(self.finished_event())
-        except _Aborted:
-            self.stop_reason = "stopped"
+        except _Aborted as why:
+            self.stop_reason = str(why.args[0]) if why.args else "stopped"
             self._events.put(self.finished_event())
         except DjinnError as exc:
             self._events.put({"event": "error", "error": exc})
@@ -186,6 +200,7 @@ class GenerationRun:
                               "error": ServerError(f"generation failed: {type(exc).__name__}: {exc}")})
         finally:
             _current.run = None
+            _ACTIVE.release()
 
     def _decode_loop(self) -> None:
         from transformers import DynamicCache
@@ -276,12 +291,18 @@ class GenerationRun:
         lock.release()              # other sessions may compute while this one waits
         try:
             self._events.put(point.event())
-            what = self._commands.get()
+            try:
+                what = self._commands.get(timeout=self.pause_timeout)
+            except queue.Empty:           # nobody came back: give the worker and memory back
+                self.pause = None
+                what = "pause_timeout"
         finally:
             lock.acquire()
             self._paused_s += time.perf_counter() - t0
         if what == "abort":
-            raise _Aborted()
+            raise _Aborted("stopped")
+        if what == "pause_timeout":
+            raise _Aborted("pause_timeout")
         return point.hidden
 
     # ---- results ------------------------------------------------------------------------

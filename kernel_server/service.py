@@ -13,7 +13,8 @@ import uuid
 
 import rpyc
 
-from djinn_nb.errors import CheckpointError, DjinnError, InvalidArgumentError, ServerError
+from djinn_nb.errors import (CheckpointError, DjinnError, InvalidArgumentError,
+                             LimitExceededError, ServerError)
 from djinn_nb.wire import pack, unpack
 from . import checkpoints as C
 from .bulk import BulkTransfer
@@ -185,9 +186,14 @@ class KernelService(rpyc.Service):
 
     @remote
     def exposed_begin_upload(self, nbytes):
-        limit = int(self.kernel.limits.max_upload_mb * 2**20)
+        lim = self.kernel.limits
+        limit = int(min(lim.max_upload_mb, lim.checkpoint_budget_mb) * 2**20)
         if type(nbytes) is not int or not 0 < nbytes <= limit:
             raise InvalidArgumentError(f"upload size must be 1..{limit} bytes, got {nbytes!r}")
+        self._uploads = {k: t for k, t in self._uploads.items() if not t.expired}
+        if len(self._uploads) >= 4:
+            raise LimitExceededError("4 uploads are already waiting to be imported; "
+                                     "import or let them expire first")
         transfer = BulkTransfer(self.kernel.bulk_host, max_bytes=nbytes)
         key = transfer.nonce.hex()
         self._uploads[key] = transfer
@@ -212,7 +218,7 @@ class KernelService(rpyc.Service):
             except DjinnError as exc:
                 raise CheckpointError(f"the checkpoint's model {name!r} cannot be loaded here: {exc}") from None
             sess = None
-        ck = C.from_bytes(data, loaded, self.owner)         # verified whole before anything changes
+        ck = C.from_bytes(data, loaded, self.owner, self.kernel.limits)         # verified whole before anything changes
         self.kernel.checkpoints.add(ck)
         if sess is None:
             sess = self.kernel.sessions.open(loaded, self.owner)

@@ -43,16 +43,29 @@ class Session:
 
     # ---- info ---------------------------------------------------------------------------
     def info(self) -> dict:
+        with self._lock:
+            self._sync()
         return {"id": self.id, "state": self.state, **self.loaded.info(),
                 "breakpoints": [b.describe() for b in self.interventions.breakpoints],
                 "steering": [r.describe() for r in self.interventions.rules]}
 
+    def _sync(self) -> None:
+        """A paused run may have ended on its own (pause timeout): take its event now."""
+        if self.state == PAUSED and self.run is not None and self.run.pause is None:
+            event = self.run._events.get()
+            self.state = FINISHED if event["event"] == "finished" else IDLE
+
     def _require(self, *states: str) -> None:
+        self._sync()
         if self.state == CLOSED:
             raise SessionClosedError(f"session {self.id} is closed")
         if self.state not in states:
             if PAUSED in states and self.state in (IDLE, FINISHED):
-                raise NotPausedError(f"session {self.id} is {self.state}, not paused: "
+                why = ""
+                if self.run is not None and self.run.stop_reason == "pause_timeout":
+                    why = (f" (it stayed paused longer than the server's pause timeout, "
+                           f"{self.limits.pause_timeout_s:g} s, and was stopped)")
+                raise NotPausedError(f"session {self.id} is {self.state}, not paused{why}: "
                                      "this call needs a generation paused at a breakpoint")
             raise SessionBusyError(f"session {self.id} is {self.state}; "
                                    f"this call needs it to be {' or '.join(states)}")
@@ -79,6 +92,7 @@ class Session:
             ids = V.prompt_ids(prompt, self.loaded.tokenizer, V.boolean(chat, "chat"), lim,
                                self.loaded.vocab_size)
             self.run = GenerationRun(self.loaded, GenState.fresh(ids, config), self.interventions)
+            self.run.pause_timeout = lim.pause_timeout_s
             self.state = RUNNING
             return self._after(self.run.start())
 
@@ -150,7 +164,10 @@ class Session:
             if self.state == PAUSED:
                 self.run.command("abort")
             self.interventions = copy_interventions(ck.interventions)
+            # new rules must not reuse the ids of the restored ones
+            self._rule_ids = itertools.count(max((r.id for r in self.interventions.rules), default=0) + 1)
             self.run = GenerationRun(self.loaded, ck.state, self.interventions, cache=cache)
+            self.run.pause_timeout = self.limits.pause_timeout_s
             self.state = READY
             return self.info()
 
@@ -211,7 +228,8 @@ class Session:
             self._require(IDLE, PAUSED, FINISHED, READY)
             rule = SteeringRule(
                 layer=V.layer(layer, self.loaded.num_layers),
-                op=V.edit_op(args, self.loaded.hidden_size, self.loaded.device, self.loaded.dtype),
+                op=V.edit_op(args, self.loaded.hidden_size, self.loaded.device, self.loaded.dtype,
+                             standing=True),
                 phase=V.choice(phase, "phase", V.PHASES), steps=V.steps(steps, self.limits),
                 id=next(self._rule_ids))
             self.interventions.rules.append(rule)

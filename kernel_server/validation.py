@@ -28,6 +28,7 @@ class Limits:
     max_step_list: int = 100_000
     checkpoint_budget_mb: float = 4096.0
     pinned_pool_mb: float = 512.0          # pinned host memory allocated at start (CUDA)
+    pause_timeout_s: float = 3600.0        # a generation paused longer is stopped
     max_upload_mb: float = 16384.0
 
 
@@ -84,7 +85,7 @@ def steps(value: Any, limits: Limits) -> frozenset | None:
 
 
 def positions(value: Any) -> str | tuple:
-    if value in ("all", "last"):
+    if isinstance(value, str) and value in ("all", "last"):
         return value
     if isinstance(value, int) and type(value) is not bool:
         value = [value]
@@ -114,11 +115,16 @@ def vector(value: Any, hidden_size: int, name: str, device, dtype) -> torch.Tens
                                f"(the model's hidden size), got {list(value.shape)}")
     if not np.all(np.isfinite(value)):
         raise InvalidEditError(f"{name} contains NaN or infinite values")
-    return torch.as_tensor(np.array(value, dtype=np.float32), device=device).to(dtype)
+    tensor = torch.as_tensor(np.array(value, dtype=np.float32), device=device).to(dtype)
+    if not bool(torch.isfinite(tensor).all()):      # finite in float64, not in the model's dtype
+        raise InvalidEditError(f"{name} has values too large for the model's dtype ({dtype})")
+    return tensor
 
 
-def edit_op(args: dict, hidden_size: int, device, dtype) -> EditOp:
-    """One edit from keyword arguments: exactly one of scale=, add= (with alpha=), set=."""
+def edit_op(args: dict, hidden_size: int, device, dtype, standing: bool = False) -> EditOp:
+    """One edit from keyword arguments: exactly one of scale=, add= (with alpha=), set=.
+    A ``standing`` rule (steer) meets chunks of any length: its per-position vector needs
+    explicit positions."""
     given = [k for k in ("scale", "add", "set") if args.get(k) is not None]
     if len(given) != 1:
         raise InvalidEditError("give exactly one of scale=, add= or set= "
@@ -131,6 +137,9 @@ def edit_op(args: dict, hidden_size: int, device, dtype) -> EditOp:
     vec = vector(args[kind], hidden_size, kind, device, dtype)
     if vec.dim() == 2:
         n = 1 if pos == "last" else (len(pos) if isinstance(pos, tuple) else None)
+        if n is None and standing:
+            raise InvalidEditError(f"a steering rule's {kind} must be one vector [{hidden_size}], "
+                                   "or one row per position with positions=[...]")
         if n is not None and vec.shape[0] != n:
             raise InvalidEditError(f"{kind} has {vec.shape[0]} rows but {n} positions are selected")
     return EditOp(kind, alpha=alpha, vector=vec, positions=pos)
@@ -156,6 +165,13 @@ def check_rows_fit(op: EditOp, chunk_start: int, chunk_len: int) -> None:
                                f"chunk has {chunk_len} positions")
 
 
+def _chat(tokenizer, messages: list):
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidArgumentError(f"cannot apply this model's chat template: {exc}") from None
+
+
 def prompt_ids(prompt: Any, tokenizer, chat: bool, limits: Limits, vocab_size: int) -> list[int]:
     """Token ids of a prompt: raw text, a list of ids, or a list of chat messages."""
     if isinstance(prompt, str):
@@ -164,8 +180,7 @@ def prompt_ids(prompt: Any, tokenizer, chat: bool, limits: Limits, vocab_size: i
         if len(prompt) > limits.max_prompt_tokens * 64:
             raise LimitExceededError(f"prompt of {len(prompt)} characters is over the limit")
         if chat:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                add_generation_prompt=True, tokenize=True)
+            ids = _chat(tokenizer, [{"role": "user", "content": prompt}])
         else:
             ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     elif isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
@@ -173,7 +188,7 @@ def prompt_ids(prompt: Any, tokenizer, chat: bool, limits: Limits, vocab_size: i
             if set(m) - {"role", "content"} or not isinstance(m.get("role"), str) \
                     or not isinstance(m.get("content"), str):
                 raise InvalidArgumentError("chat messages must be dicts with str 'role' and 'content'")
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        ids = _chat(tokenizer, prompt)
     elif isinstance(prompt, list) and prompt and all(type(t) is int for t in prompt):
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:

@@ -120,3 +120,28 @@ def test_killed_server_gives_a_clear_error_then_reconnect_and_continue(tmp_path)
         client.close()
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_pause_timeout_stops_the_generation_and_says_why():
+    from kernel_server.server import Kernel, KernelServer
+    from kernel_server.validation import Limits
+    kernel = Kernel("tiny-gpt2", device="cpu", limits=Limits(pause_timeout_s=0.5))
+    srv = KernelServer(kernel, "127.0.0.1", 0).start()
+    try:
+        with dj.connect(srv.address) as c:
+            s = c.session()
+            reference = s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False).tokens
+            s.breakpoint(layer=2, steps=[3])
+            assert s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False).paused
+            assert wait_for(lambda: s.state == "finished", timeout=10)
+            with pytest.raises(dj.NotPausedError, match="pause timeout"):
+                s.activation()
+            s.clear_breakpoints()
+            assert s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False).tokens == reference
+            s.breakpoint(layer=2, steps=[3])
+            s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False)
+            time.sleep(1.0)
+            with pytest.raises(dj.NotPausedError, match="pause timeout"):
+                s.resume()              # resuming too late: told how it ended
+    finally:
+        srv.close()
