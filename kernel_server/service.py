@@ -218,13 +218,19 @@ class KernelService(rpyc.Service):
             except DjinnError as exc:
                 raise CheckpointError(f"the checkpoint's model {name!r} cannot be loaded here: {exc}") from None
             sess = None
-        ck = C.from_bytes(data, loaded, self.owner, self.kernel.limits)         # verified whole before anything changes
-        self.kernel.checkpoints.add(ck)
-        if sess is None:
+        ck = C.from_bytes(data, loaded, self.owner, self.kernel.limits)   # verified whole first
+        opened = sess is None
+        if opened:
             sess = self.kernel.sessions.open(loaded, self.owner)
         try:
-            info = sess.restore(ck)
-        except BaseException:
-            self.kernel.checkpoints.delete(ck.id, self.owner)
+            self.kernel.checkpoints.add(ck)
+            try:
+                info = sess.restore(ck)
+            except BaseException:
+                self.kernel.checkpoints.delete(ck.id, self.owner)
+                raise
+        except BaseException:            # leave nothing behind: no orphan session or checkpoint
+            if opened:
+                self.kernel.sessions.close(sess.id, self.owner)
             raise
         return {"checkpoint": ck.describe(), "session": info}
