@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -74,8 +75,16 @@ def main(argv=None) -> int:
         return 2
     info = kernel.models.get().info()
     print(f"{READY_PREFIX} {server.address} model={info['model']} device={info['device']}", flush=True)
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, stop)      # SIGTERM: the same clean stop as Ctrl-C
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        released = kernel.sessions.close_all()   # paused forwards are aborted, memory freed
+        server.close()                           # clients see ConnectionLostError
+        logging.getLogger("kernel_server").info("stopped; released %d sessions", released)
     return 0

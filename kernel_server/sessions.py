@@ -300,5 +300,13 @@ class SessionManager:
             s.close()
         return len(mine)
 
+    def close_all(self) -> int:
+        with self._lock:
+            everyone = list(self._sessions.values())
+            self._sessions.clear()
+        for s in everyone:
+            s.close()
+        return len(everyone)
+
     def count(self) -> int:
         return len(self._sessions)

@@ -145,3 +145,28 @@ def test_pause_timeout_stops_the_generation_and_says_why():
                 s.resume()              # resuming too late: told how it ended
     finally:
         srv.close()
+
+
+def test_sigterm_stops_the_server_cleanly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "kernel_server", "--model", "tiny-gpt2",
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    address = proc.stdout.readline().split()[1]
+    client = dj.connect(address)
+    s = client.session()
+    s.breakpoint(layer=2, steps=[2])
+    assert s.generate(PROMPT, max_new_tokens=5, stop_at_eos=False).paused
+    path = s.checkpoint().save(tmp_path / "before-stop.djckpt")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert "released 1 sessions" in proc.stderr.read()
+    with pytest.raises(dj.ConnectionLostError):
+        s.resume()
+    client.close()
+    proc2, address2 = start_server()
+    try:
+        with dj.connect(address2) as c:               # the file written before the stop loads
+            assert c.load_checkpoint(path).session.state == "ready"
+    finally:
+        proc2.kill()
+        proc2.wait(timeout=30)
