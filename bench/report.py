@@ -45,7 +45,33 @@ def checkpoint_table(name: str) -> str:
     return "\n".join(lines)
 
 
-TABLES = {"checkpoint_cuda": checkpoint_table, "checkpoint_cpu": checkpoint_table}
+def decode_table(name: str) -> str:
+    d = json.loads((RESULTS / f"{name}.json").read_text())
+    env = d["env"]
+    where = env.get("gpu", f"CPU, {env['cpu_threads']} threads")
+    rows = [
+        ("decode, hooks installed, no breakpoint (server) vs plain HF loop",
+         f"{_f(d['server_hooks_ms_per_token'], 1)} vs {_f(d['plain_hf_ms_per_token'], 1)} ms/token",
+         _f(d["hooks_vs_plain"]), ">= 0.99"),
+        ("decode with one steering rule vs none",
+         f"{_f(d['steered_ms_per_token'], 1)} vs {_f(d['server_hooks_ms_per_token'], 1)} ms/token",
+         _f(d["steered_vs_unsteered"]), ">= 0.98"),
+        ("pause -> resume -> next pause beyond compute vs raw socket round trip",
+         f"{_f(d['pause_resume_overhead_ms'], 3)} vs {_f(d['raw_socket_rtt_ms'], 3)} ms "
+         f"(rpyc ping {_f(d['rpyc_ping_ms'], 3)} ms)", f"{_f(d['pause_overhead_vs_raw_rtt'], 1)}x", "<= 2x"),
+        ("activation transfer vs raw loopback socket",
+         f"{_f(d['activation_gb_s'], 3)} vs {_f(d['raw_socket_gb_s'], 3)} GB/s "
+         f"({d['activation_bytes'] / 2**20:.1f} MiB)", _f(d["activation_vs_raw_bandwidth"]), ">= 0.50"),
+    ]
+    lines = [f"`{d['command']}` — {where}, torch {env['torch']}, transformers {env['transformers']}, "
+             f"{d['model']}, median of {d['reps']}", "",
+             "| what | measured | ratio | target |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {t} |" for a, b, c, t in rows]
+    return "\n".join(lines)
+
+
+TABLES = {"checkpoint_cuda": checkpoint_table, "checkpoint_cpu": checkpoint_table,
+          "decode_cpu": decode_table}
 
 
 def render(text: str) -> str:

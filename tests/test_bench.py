@@ -20,3 +20,10 @@ def test_readme_tables_are_generated_from_results():
     out = subprocess.run([sys.executable, "bench/report.py", "--check"], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout
+
+
+def test_decode_bench_smoke():
+    out = subprocess.run([sys.executable, "bench/decode_bench.py", "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'hooks_vs_plain'" in out.stdout and "'activation_vs_raw_bandwidth'" in out.stdout
