@@ -83,6 +83,7 @@ class Client:
         self._lock = threading.Lock()
         self._calls = 0
         self._rtts = collections.deque(maxlen=200)
+        self._bulk_bytes = 0
         self._closed = False
         self.server_info = self._call("hello")
 
@@ -123,6 +124,16 @@ class Client:
         from .session import Session
         return Session(self, self._call("open_session", model=model))
 
+    def _fetch_array(self, offer: dict):
+        """An array the server offered on the bulk path (see ``djinn_nb.bulk``)."""
+        from . import bulk
+        host, _ = parse_address(self.address)
+        data = bulk.fetch(host, offer["bulk"]["port"], bytes.fromhex(offer["bulk"]["nonce"]))
+        array = wire.decode_array(offer["dtype"], offer["shape"], bytes(data))
+        with self._lock:
+            self._bulk_bytes += len(data)
+        return array
+
     def checkpoints(self) -> list:
         """This client's checkpoints on the server: id, model, step, positions, nbytes, ready."""
         return self._call("checkpoints")
@@ -157,7 +168,8 @@ class Client:
         with self._lock:
             rtts = list(self._rtts)
         return {"calls": self._calls, "bytes_sent": self._counter.sent,
-                "bytes_received": self._counter.received, "rtt_ms": rtts,
+                "bytes_received": self._counter.received, "bulk_bytes_received": self._bulk_bytes,
+                "rtt_ms": rtts,
                 "last_rtt_ms": rtts[-1] if rtts else None}
 
     def reconnect(self) -> None:

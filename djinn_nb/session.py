@@ -123,7 +123,10 @@ class Session:
     def activation(self, positions: Positions = "all", reduce: Optional[str] = None) -> np.ndarray:
         """The paused layer's output, float32 ``[positions, hidden]`` (with ``reduce="norm"``:
         ``[positions]``; ``"mean"``: ``[hidden]``). Edits made so far are included."""
-        return self._call("activation", positions=_positions(positions), reduce=reduce)
+        out = self._call("activation", positions=_positions(positions), reduce=reduce)
+        if isinstance(out, dict) and "bulk" in out:       # large: fetched over the bulk path
+            out = self.client._fetch_array(out)
+        return out
 
     def edit(self, *, scale: Optional[float] = None, add=None, alpha: float = 1.0, set=None,
              positions: Positions = "all") -> dict:

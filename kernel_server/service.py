@@ -20,6 +20,8 @@ from . import checkpoints as C
 from .bulk import BulkTransfer
 
 log = logging.getLogger("kernel_server")
+#: arrays at least this large go over the bulk path instead of inside the rpyc reply
+BULK_THRESHOLD = 64 << 10
 
 
 def _error(exc: DjinnError):
@@ -119,7 +121,12 @@ class KernelService(rpyc.Service):
 
     @remote
     def exposed_activation(self, session, **args):
-        return self._session_call("activation", session, args)
+        array = self._session_call("activation", session, args)
+        if array.nbytes < BULK_THRESHOLD:
+            return array
+        # large arrays take the raw-socket bulk path: rpyc moves ~0.02 GB/s of them
+        offer = BulkTransfer(self.kernel.bulk_host, payload=memoryview(array).cast("B"))
+        return {"bulk": offer.describe(), "dtype": array.dtype.name, "shape": list(array.shape)}
 
     @remote
     def exposed_edit(self, session, **args):

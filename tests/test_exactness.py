@@ -188,3 +188,20 @@ def test_sessions_are_independent(client, server):
         a.resume(ignore_breakpoints=True)
     finally:
         other.close()
+
+
+def test_large_activations_come_over_the_bulk_path(client):
+    s = client.session(model="tiny-gpt2")
+    s.breakpoint(layer=3, phase="prefill")
+    ev = s.generate(" ".join(["word"] * 600), max_new_tokens=2)
+    assert ev.paused and ev.positions >= 600
+    before = client.stats()
+    h = s.activation()                                    # 600+ x 64 float32: over 64 KiB
+    after = client.stats()
+    assert h.shape == (ev.positions, s.hidden_size) and h.dtype == np.float32
+    assert after["bulk_bytes_received"] - before["bulk_bytes_received"] == h.nbytes
+    assert after["bytes_received"] - before["bytes_received"] < 2048   # not through rpyc
+    rows = s.activation(positions=[0, 5, ev.positions - 1])           # small: the rpyc path
+    assert np.array_equal(rows, h[[0, 5, ev.positions - 1]])
+    s.edit(scale=0.5, positions=[5])
+    assert np.array_equal(s.activation()[5], h[5] * np.float32(0.5))
