@@ -12,9 +12,11 @@ import hmac
 import os
 import socket
 
+from .bulk import recv_exact
 from .errors import AuthenticationFailedError, ConnectionLostError
 
 CHALLENGE_BYTES = 32
+ANSWER_BYTES = hashlib.sha256().digest_size
 TOKEN_ENV = "DJINN_TOKEN"
 _CONTEXT = b"djinn-nb-auth-v1"
 
@@ -27,30 +29,20 @@ def new_challenge() -> bytes:
     return os.urandom(CHALLENGE_BYTES)
 
 
-def _recv(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise ConnectionLostError("the server closed the connection during authentication")
-        data += chunk
-    return data
-
-
 def client_handshake(sock: socket.socket, token: str | None) -> None:
     """Answer the server's opening (on the raw socket, before rpyc); raises on refusal."""
     try:
-        mode = _recv(sock, 1)
+        mode = recv_exact(sock, 1)
         if mode == b"\x00":
             return
-        challenge = _recv(sock, CHALLENGE_BYTES)
+        challenge = bytes(recv_exact(sock, CHALLENGE_BYTES))
         token = token if token is not None else os.environ.get(TOKEN_ENV)
         if not token:
             raise AuthenticationFailedError(
                 "this kernel server requires a token: dj.connect(address, token=...) "
                 f"or set ${TOKEN_ENV}")
         sock.sendall(answer(token, challenge))
-        if _recv(sock, 1) != b"\x01":
+        if recv_exact(sock, 1) != b"\x01":
             raise AuthenticationFailedError("the kernel server refused the token")
     except ConnectionLostError:
         raise AuthenticationFailedError("the kernel server refused the connection "

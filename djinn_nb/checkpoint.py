@@ -5,8 +5,6 @@ import os
 import tempfile
 from pathlib import Path
 
-from . import bulk
-from .client import parse_address
 
 
 class Checkpoint:
@@ -39,9 +37,7 @@ class Checkpoint:
         """Write the checkpoint to ``path`` on this machine (safetensors + JSON metadata),
         fetched over the bulk path; written to a temporary file first, then renamed."""
         path = Path(path)
-        offer = self.client._call("export_checkpoint", checkpoint=self.id)
-        host, _ = parse_address(self.client.address)
-        data = bulk.fetch(host, offer["port"], bytes.fromhex(offer["nonce"]))
+        data = self.client._fetch_bulk(self.client._call("export_checkpoint", checkpoint=self.id))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".djckpt-", dir=path.parent)
         try:

@@ -124,15 +124,18 @@ class Client:
         from .session import Session
         return Session(self, self._call("open_session", model=model))
 
-    def _fetch_array(self, offer: dict):
-        """An array the server offered on the bulk path (see ``djinn_nb.bulk``)."""
+    def _fetch_bulk(self, offer: dict) -> bytearray:
+        """The payload the server offered on the bulk path (``{"port", "nonce"}``)."""
         from . import bulk
         host, _ = parse_address(self.address)
-        data = bulk.fetch(host, offer["bulk"]["port"], bytes.fromhex(offer["bulk"]["nonce"]))
-        array = wire.decode_array(offer["dtype"], offer["shape"], bytes(data))
+        data = bulk.fetch(host, offer["port"], bytes.fromhex(offer["nonce"]))
         with self._lock:
             self._bulk_bytes += len(data)
-        return array
+        return data
+
+    def _fetch_array(self, offer: dict):
+        """An array the server offered on the bulk path instead of in its reply."""
+        return wire.decode_array(offer["dtype"], offer["shape"], bytes(self._fetch_bulk(offer["bulk"])))
 
     def checkpoints(self) -> list:
         """This client's checkpoints on the server: id, model, step, positions, nbytes, ready."""

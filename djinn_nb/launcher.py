@@ -12,7 +12,7 @@ import time
 
 from .errors import ConnectionLostError
 
-READY_PREFIX = "DJINN_SERVER_READY"   # printed by kernel_server.cli once it serves
+READY_PREFIX = "DJINN_SERVER_READY"   # printed by kernel_server.cli once it serves (one definition)
 
 
 class LocalServer:

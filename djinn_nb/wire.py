@@ -51,12 +51,10 @@ def decode_array(dtype: str, shape: Any, data: Any) -> np.ndarray:
 
 
 def _to_plain(obj: Any, blobs: list[bytes]) -> Any:
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        if isinstance(obj, (np.bool_, np.integer, np.floating)):
-            return obj.item()
-        return obj
-    if isinstance(obj, (np.bool_, np.integer, np.floating)):
+    if isinstance(obj, (np.bool_, np.integer, np.floating)):   # (np.float64 is a float too)
         return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
     if isinstance(obj, dict):
         out = {}
         for key, value in obj.items():

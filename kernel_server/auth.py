@@ -6,7 +6,9 @@ import socket
 
 from rpyc.utils.authenticators import AuthenticationError
 
-from djinn_nb.auth import CHALLENGE_BYTES, answer, new_challenge
+from djinn_nb.auth import ANSWER_BYTES, answer, new_challenge
+from djinn_nb.bulk import recv_exact
+from djinn_nb.errors import ConnectionLostError
 
 HANDSHAKE_TIMEOUT = 10.0
 
@@ -25,21 +27,14 @@ class TokenAuthenticator:
         try:
             challenge = new_challenge()
             sock.sendall(b"\x01" + challenge)
-            got = b""
-            while len(got) < 32:
-                chunk = sock.recv(32 - len(got))
-                if not chunk:
-                    raise AuthenticationError("closed during the handshake")
-                got += chunk
+            got = bytes(recv_exact(sock, ANSWER_BYTES))
             if not hmac.compare_digest(got, answer(self.token, challenge)):
                 sock.sendall(b"\x00")
                 raise AuthenticationError("wrong token")
             sock.sendall(b"\x01")
-        except OSError as exc:
+        except (OSError, ConnectionLostError) as exc:
             raise AuthenticationError(f"handshake failed: {exc}") from None
         finally:
             sock.settimeout(None)
         return sock, "token"
 
-
-assert CHALLENGE_BYTES == 32

@@ -213,7 +213,7 @@ def copy_to_host(slices: list, device: torch.device, arena: PinnedArena | None =
 
 def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
     """A fresh DynamicCache on the model's device holding the checkpoint's keys/values
-    (one host-to-device copy when the host tensors share one buffer)."""
+    (non-blocking copies from pinned memory, ordered after the checkpoint's own copy)."""
     from transformers import DynamicCache
     cache = DynamicCache(config=loaded.model.config)
     device = loaded.device
@@ -226,11 +226,7 @@ def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
     if device.type == "cuda":
         if copy is not None and copy.event is not None:
             torch.cuda.current_stream(device).wait_event(copy.event)
-        base = flat[0]._base
-        if base is not None and all(t._base is base for t in flat) and base.shape[0] == len(flat):
-            flat = list(base.to(device, non_blocking=True).unbind(0))
-        else:
-            flat = [t.to(device, non_blocking=True) for t in flat]
+        flat = [t.to(device, non_blocking=True) for t in flat]
     else:
         flat = [t.to(device, copy=True) for t in flat]   # never alias the checkpoint's tensors
     for i in range(len(ck.kv)):

@@ -8,10 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
+from djinn_nb.launcher import READY_PREFIX  # the line dj.connect() waits for
 from .models import DEFAULT_MODEL, REGISTRY
 from .validation import Limits
-
-READY_PREFIX = "DJINN_SERVER_READY"
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -100,7 +100,6 @@ class PausePoint:
     phase: str
     start: int                 # absolute position of row 0 of ``hidden``
     hidden: torch.Tensor       # [1, positions, hidden] (possibly already steered)
-    edited: bool = False
     edits: list = field(default_factory=list)
 
     def event(self) -> dict:
@@ -178,10 +177,6 @@ class GenerationRun:
         self.pause = None
         self._commands.put(what)
         return self._events.get()
-
-    @property
-    def alive(self) -> bool:
-        return self._future is not None and not self._future.done()
 
     # ---- the worker -------------------------------------------------------------------
     def _worker(self) -> None:
@@ -336,5 +331,4 @@ def apply_paused_edit(point: PausePoint, op: EditOp) -> None:
     """Apply ``op`` to the paused hidden state now (the client sees it in ``activation()``)."""
     with torch.inference_mode():
         point.hidden = apply_edit(point.hidden, op, point.start)
-    point.edited = True
     point.edits.append(op.describe())

@@ -134,10 +134,10 @@ def test_closing_a_paused_session_frees_it(client, s):
 
 def test_malformed_requests_are_refused(client):
     root = client._conn.root
-    for raw in [None, "x", ("{", ()), ("{}", ("notbytes",)), ("[1]", ()), ('{"session": 1}', ())]:
-        reply = dj.wire.unpack(root.generate(raw)) if raw is not None else None
-        if reply is not None:
-            assert reply["error"]["type"] in ("InvalidArgumentError", "UnknownSessionError"), reply
+    for raw in ["x", ("{", ()), ("{}", ("notbytes",)), ("[1]", ()), ('{"session": 1}', ()),
+                ("[" * 100_000, ())]:
+        reply = dj.wire.unpack(root.generate(raw))
+        assert reply["error"]["type"] in ("InvalidArgumentError", "UnknownSessionError"), reply
     assert client.session(model="tiny-gpt2").layers == 8
 
 

@@ -47,6 +47,7 @@ values = st.recursive(st.one_of(scalars, arrays),
 
 @pytest.fixture(scope="module")
 def fuzz_client(server):
+    # module-scoped (conftest's `client` is per test): hypothesis runs all examples in one test
     c = dj.connect(server.address)
     yield c
     c.close()
