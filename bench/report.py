@@ -70,8 +70,61 @@ def decode_table(name: str) -> str:
     return "\n".join(lines)
 
 
+def multi_gpu_table(name: str) -> str:
+    d = json.loads((RESULTS / f"{name}.json").read_text())
+    env, lay = d["env"], d["layout"]
+    gpus = env.get("gpus") or [env.get("gpu", "CPU")]
+    yes = lambda c: "yes" if c else "**no**"  # noqa: E731
+    lines = [f"`{d['command']}` — {len(gpus)} x {gpus[0]}, torch {env['torch']}, transformers "
+             f"{env['transformers']}, {d['model']} {d['dtype']}: {lay['params'] / 1e9:.2f} B "
+             f"parameters, {lay['layout']}, built in {d['build_s']:.1f} s", "",
+             "| exactness check | where | tokens equal | logits bit-identical |",
+             "| --- | --- | --- | --- |"]
+    ex = d.get("exactness", {})
+    where = ", ".join(f"layer {k} ({v})" for k, v in ex.get("probe_layers", {}).items())
+    names = {"resume_no_edit": "breakpoints, resume with no edit", "steer_scale_1": "steer scale 1.0",
+             "edit_equals_rule": "edit while paused == steering rule",
+             "checkpoint_continue": "checkpoint mid-forward, continue",
+             "checkpoint_restore": "restore the checkpoint, continue"}
+    for key, label in names.items():
+        if key in ex:
+            e = ex[key]
+            at = where
+            if "layer" in e:
+                at = f"layer {e['layer']} ({e.get('vector_device') or e.get('device')}), step {e['step']}"
+            lines.append(f"| {label} | {at} | {yes(e['tokens_equal'])} | {yes(e['logits_equal'])} |")
+    if "across_device_maps" in d:
+        a = d["across_device_maps"]
+        lines.append(f"| checkpoint file loaded under another map ({a['other_layout']}), continue | "
+                     f"{a['file_bytes'] / 2**20:.1f} MiB file | {yes(a['tokens_equal'])} | "
+                     f"{yes(a['logits_equal'])} |")
+    if "decode" in d:
+        dec = d["decode"]
+        lines += ["", f"| decode ({dec['tokens']} tokens, median of {dec['reps']}) | ms/token | tokens/s |",
+                  "| --- | --- | --- |"]
+        for key, label in (("plain_hf_loop", "plain Hugging Face KV-cache loop, same sharded model"),
+                           ("server_no_breakpoint", "server session, hooks installed, no breakpoint"),
+                           ("server_breakpoint_every_step",
+                            f"server session, breakpoint at layer {dec['breakpoint_layer']} "
+                            f"({dec['breakpoint_device']}) on every step, resumed")):
+            lines.append(f"| {label} | {_f(dec[key]['ms_per_token'])} | {_f(dec[key]['tokens_per_s'], 1)} |")
+    if d.get("checkpoint"):
+        lines += ["", "| context | device | layers | KV MiB | copy ms (devices at once) | GB/s | "
+                  "copy alone GB/s | pinned D2H GB/s | alone / pinned | dispatch ms | restore ms (all) |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in d["checkpoint"]:
+            for dev, v in r["devices"].items():
+                lines.append(
+                    f"| {r['context']} | {dev} | {v['layers']} | {_f(v['kv_bytes'] / 2**20, 1)} | "
+                    f"{_f(v['copy_ms_concurrent'], 2)} | {_f(v['copy_gb_s_concurrent'], 1)} | "
+                    f"{_f(v['copy_gb_s_alone'], 1)} | {_f(v['pinned_d2h_gb_s'], 1)} | "
+                    f"{_f(v['copy_alone_vs_pinned'])} | {_f(r['dispatch_ms_median'], 3)} | "
+                    f"{_f(r['restore_ms'], 1)} |")
+    return "\n".join(lines)
+
+
 TABLES = {"checkpoint_cuda": checkpoint_table, "checkpoint_cpu": checkpoint_table,
-          "decode_cpu": decode_table}
+          "decode_cpu": decode_table, "multi_gpu_cuda": multi_gpu_table}
 
 
 def render(text: str) -> str:

@@ -12,14 +12,15 @@ from .errors import (AuthenticationFailedError, CheckpointError, TransferError, 
                      LayerOutOfRangeError, LimitExceededError, NotPausedError, ServerError,
                      SessionBusyError, SessionClosedError, StateError, UnknownModelError,
                      UnknownSessionError, UnsupportedModelError)
-from .results import Finished, GenerationResult, Paused, StepRecord
+from .results import Finished, GenerationResult, Paused, ScoreResult, StepRecord
 from .client import Client, connect
+from .pool import Pool
 from .session import Session
 from .checkpoint import Checkpoint
 from .divergence import Divergence, divergence
 
 __all__ = [
-    "connect", "divergence", "Divergence", "Client", "Session", "Checkpoint", "CheckpointError", "TransferError", "AuthenticationFailedError", "Paused", "Finished", "GenerationResult", "StepRecord",
+    "connect", "divergence", "Divergence", "Client", "Pool", "Session", "Checkpoint", "CheckpointError", "TransferError", "AuthenticationFailedError", "Paused", "Finished", "GenerationResult", "StepRecord", "ScoreResult",
     "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
     "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",
     "UnknownSessionError", "StateError", "NotPausedError", "SessionBusyError", "SessionClosedError",

@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import collections
 import os
+import secrets
 import threading
 import time
 from typing import Any
 
 from . import wire
-from .auth import client_handshake
-from .errors import ConnectionLostError, DjinnError, InvalidArgumentError, error_class
+from .auth import client_handshake, client_tls_context, owner_proof
+from .errors import (ConnectionLostError, DjinnError, InvalidArgumentError, LimitExceededError,
+                     error_class)
 
 DEFAULT_PORT = 18861
 SERVER_ENV = "DJINN_SERVER"   # "host:port" of the kernel server that connect() uses by default
+_uncounted = threading.local()   # .on: the calling thread's call is left out of stats()
 #: client-side rpyc settings: nothing of ours is reachable from the server either
 CLIENT_CONFIG = {
     "allow_public_attrs": False, "allow_all_attrs": False, "allow_safe_attrs": False,
@@ -39,6 +42,11 @@ def _counting_stream(host: str, port: int, timeout: float):
             CountingStream.received += len(data)
             return data
 
+        def poll(self, timeout):
+            # a TLS socket may hold decrypted bytes that polling its descriptor does not see
+            pending = getattr(self.sock, "pending", None)
+            return bool(pending is not None and pending()) or super().poll(timeout)
+
     return CountingStream.connect(host, port, timeout=timeout), CountingStream
 
 
@@ -58,11 +66,16 @@ class Client:
     """A connection to one kernel server. Open sessions with :meth:`session`."""
 
     def __init__(self, address: str, timeout: float | None = None, local_server=None,
-                 connect_timeout: float = 10.0, token: str | None = None):
+                 connect_timeout: float = 10.0, token: str | None = None, tls=None,
+                 owner_key: str | None = None):
         import rpyc
         self.address = address
         self._local_server = local_server
         self._token = token
+        self._timeout = timeout
+        self._tls_arg = tls
+        self._tls = client_tls_context(tls)   # ssl.SSLContext or None: rpyc and bulk sockets
+        self._owner_key = owner_key
         host, port = parse_address(address)
         try:
             stream, self._counter = _counting_stream(host, port, connect_timeout)
@@ -72,7 +85,7 @@ class Client:
                                       "dj.connect() with no address to launch a local one.") from None
         try:
             stream.sock.settimeout(connect_timeout)
-            client_handshake(stream.sock, token)
+            stream.sock, proved_token = client_handshake(stream.sock, token, self._tls, host)
             stream.sock.settimeout(None)
         except BaseException:
             stream.close()
@@ -85,19 +98,35 @@ class Client:
         self._rtts = collections.deque(maxlen=200)
         self._bulk_bytes = 0
         self._closed = False
-        self.server_info = self._call("hello")
+        self._control = None
+        if owner_key is None and not proved_token:
+            # no token identifies us: a random key of this Client object lets reconnect()
+            # re-attach its sessions (kernel_server.ownership); kept across reconnects
+            self._owner_key = owner_key = secrets.token_hex(32)
+        self.server_info = self._call("hello", owner_key=None if owner_key is None
+                                      else owner_proof(owner_key))
+        self._owner = self.server_info.get("owner")
+        limit = self.server_info.get("limits", {}).get("max_request_mb")
+        self._max_request_bytes = None if limit is None else int(limit * 2**20)
+        from . import control                   # the fast path for every call, if the server has it
+        self._control = control.attach(self, timeout, tls=self._tls)
 
     # ---- the one way to call the server --------------------------------------------------
     def _call(self, name: str, **kwargs):
         if self._closed:
             raise ConnectionLostError("this client is closed; use dj.connect() again")
-        packed = wire.pack(kwargs)
+        control = self._control
+        packed = wire.pack(kwargs) if control is None else control.request(name, kwargs)
+        self._check_request_size(name, packed)
         t0 = time.perf_counter()
         try:
-            method = self._methods.get(name)
-            if method is None:
-                method = self._methods[name] = getattr(self._conn.root, name)
-            reply = method(packed)
+            if control is not None:             # djinn_nb.control: a raw socket, no rpyc
+                reply = control.call(packed)
+            else:
+                method = self._methods.get(name)
+                if method is None:
+                    method = self._methods[name] = getattr(self._conn.root, name)
+                reply = wire.unpack(method(packed))
         except (EOFError, OSError, ConnectionError) as exc:
             raise ConnectionLostError(f"lost the connection to the kernel server at {self.address} "
                                       f"({type(exc).__name__}: {exc}); client.reconnect() "
@@ -109,14 +138,26 @@ class Client:
             raise ConnectionLostError(f"call {name} to {self.address} failed: "
                                       f"{type(exc).__name__}: {exc}") from None
         finally:
-            with self._lock:
-                self._calls += 1
-                self._rtts.append((time.perf_counter() - t0) * 1e3)
-        reply = wire.unpack(reply)
+            if not getattr(_uncounted, "on", False):    # stats()'s own memory call is not counted
+                with self._lock:
+                    self._calls += 1
+                    self._rtts.append((time.perf_counter() - t0) * 1e3)
         if "error" in reply:
             err = reply["error"]
             raise error_class(err["type"])(err["message"])
         return reply["ok"]
+
+    def _check_request_size(self, name: str, packed) -> None:
+        """Refuse here, with a typed error, a request the server would refuse by closing
+        the connection (``--max-request-mb``)."""
+        limit = getattr(self, "_max_request_bytes", None)
+        if limit is None:
+            return
+        size = len(packed[0]) + sum(memoryview(b).nbytes for b in packed[1])
+        if size > limit:
+            raise LimitExceededError(
+                f"{name}(): this request is {size / 2**20:.1f} MiB, over the server's limit of "
+                f"{limit / 2**20:g} MiB per request (--max-request-mb); nothing was sent")
 
     # ---- public API ------------------------------------------------------------------------
     def session(self, model: str | None = None) -> "Session":
@@ -128,7 +169,7 @@ class Client:
         """The payload the server offered on the bulk path (``{"port", "nonce"}``)."""
         from . import bulk
         host, _ = parse_address(self.address)
-        data = bulk.fetch(host, offer["port"], bytes.fromhex(offer["nonce"]))
+        data = bulk.fetch(host, offer["port"], bytes.fromhex(offer["nonce"]), tls=self._tls)
         with self._lock:
             self._bulk_bytes += len(data)
         return data
@@ -153,7 +194,7 @@ class Client:
             raise InvalidArgumentError(f"{path} is empty")
         upload = self._call("begin_upload", nbytes=len(data))
         host, _ = parse_address(self.address)
-        bulk.send(host, upload["port"], bytes.fromhex(upload["nonce"]), data)
+        bulk.send(host, upload["port"], bytes.fromhex(upload["nonce"]), data, tls=self._tls)
         out = self._call("import_checkpoint", upload=upload["nonce"],
                          session=None if session is None else session.id)
         ck = Checkpoint(self, out["checkpoint"])
@@ -166,7 +207,35 @@ class Client:
         self._call("ping")
         return (time.perf_counter() - t0) * 1e3
 
-    def stats(self) -> dict:
+    def stats(self, memory: bool = True) -> dict:
+        """Calls made, bytes on the socket each way, recent round trips (ms), and ``devices``:
+        the server's memory per device, one dict each with ``device`` ("cuda:0", ..., "cpu"),
+        ``allocated_bytes`` / ``reserved_bytes`` / ``total_bytes`` (torch.cuda.memory_*; for
+        "cpu" the server process's RSS) and ``layers`` ({model: decoder layers kept there}).
+        Fetching ``devices`` is one call that the other figures do not count (exact unless
+        other threads call the server meanwhile); ``memory=False`` (or a closed client): None."""
+        devices = None
+        hidden = self.__dict__.setdefault("_hidden", {})
+        if memory and not self._closed:
+            before = self._counts()
+            _uncounted.on = True
+            try:
+                devices = self._call("memory")["devices"]
+            except DjinnError:
+                devices = None
+            finally:
+                _uncounted.on = False
+            after = self._counts()
+            with self._lock:
+                for key in ("bytes_sent", "bytes_received", "bulk_bytes_received"):
+                    hidden[key] = hidden.get(key, 0) + after[key] - before[key]
+        out = self._counts()
+        for key, n in hidden.items():
+            out[key] -= n
+        out["devices"] = devices
+        return out
+
+    def _counts(self) -> dict:
         """Calls made, bytes on the socket each way, recent round trips (ms)."""
         with self._lock:
             rtts = list(self._rtts)
@@ -175,21 +244,45 @@ class Client:
                 "rtt_ms": rtts,
                 "last_rtt_ms": rtts[-1] if rtts else None}
 
-    def reconnect(self) -> None:
-        """Open a new connection to the same address (sessions of the old one are gone)."""
-        old_server = self._local_server
+    def reconnect(self) -> dict:
+        """Open a new connection to the same address. If the server keeps a disconnected
+        client's sessions (``--reconnect-grace-s`` > 0) and the grace period is not over, the
+        sessions and checkpoints of the old connection are re-attached: the same ``Session``
+        and ``Checkpoint`` objects keep working. Otherwise they are gone. Returns the ids
+        re-attached: ``{"sessions": [...], "checkpoints": [...]}``."""
+        old_owner = getattr(self, "_owner", None)
         self._close_conn()
-        self.__init__(self.address, local_server=old_server, token=self._token)
+        self.__init__(self.address, timeout=self._timeout, local_server=self._local_server,
+                      token=self._token, tls=self._tls_arg, owner_key=self._owner_key)
+        if old_owner is None or not self.server_info.get("limits", {}).get("reconnect_grace_s"):
+            return {"sessions": [], "checkpoints": []}
+        return self._call("reattach", owner=old_owner)
+
+    def attach(self, session_id: str) -> "Session":
+        """Take over the session ``session_id`` of a client that disconnected (another process,
+        a crashed kernel), within the server's ``--reconnect-grace-s``; the checkpoints that
+        client left come along. Allowed with the same token (and the same ``owner_key`` if
+        that client gave one); anything else is ``UnknownSessionError``."""
+        from .session import Session
+        return Session(self, self._call("attach", session=session_id))
 
     def _close_conn(self) -> None:
         self._closed = True
+        if self._control is not None:
+            self._control.close()
         try:
             self._conn.close()
         except Exception:
             pass
 
     def close(self) -> None:
-        """Close the connection; a server launched by ``connect()`` is stopped too."""
+        """Close the connection; a server launched by ``connect()`` is stopped too. The
+        sessions and checkpoints are released at once (a grace period is for lost connections)."""
+        if not self._closed and self.server_info.get("limits", {}).get("reconnect_grace_s"):
+            try:
+                self._call("closing")
+            except DjinnError:
+                pass
         self._close_conn()
         if self._local_server is not None:
             self._local_server.stop()
@@ -211,23 +304,33 @@ class Client:
                 f"default model {self.server_info.get('default_model')}>")
 
 
-def connect(address: str | None = None, *, token: str | None = None, model: str | None = None,
+def connect(address=None, *, token: str | None = None, tls=None,
+            owner_key: str | None = None, model: str | None = None,
             device: str | None = None, dtype: str | None = None, timeout: float | None = None,
             progress: bool = True) -> Client:
-    """Connect to a kernel server at ``"host:port"``.
+    """Connect to a kernel server at ``"host:port"`` (a list of addresses: a ``dj.Pool``
+    holding one client per server, ``pool.session(server=..., model=...)``).
 
     With no address: the server named by the ``DJINN_SERVER`` environment variable if set
     (``make lab`` sets it for its notebooks), else a local server launched now (on
     ``model``, default the embedded smollm2-135m) that stops when the client closes.
-    ``token``: the shared secret of a server started with one (default ``$DJINN_TOKEN``)."""
+    ``token``: the shared secret of a server started with one (default ``$DJINN_TOKEN``).
+    ``tls``: for a server started with ``--certfile``: True (verify its certificate against
+    the system CAs) or the path of a CA file to trust (e.g. its self-signed certificate);
+    default ``$DJINN_TLS`` ("1" or a path). ``owner_key``: a secret of yours that, with the
+    token, identifies whose disconnected sessions ``attach()`` may take over (see README)."""
     if address is None and os.environ.get(SERVER_ENV) and model is None and device is None:
         address = os.environ[SERVER_ENV]
+    if isinstance(address, (list, tuple)):     # several servers: a Pool of clients
+        from .pool import Pool
+        return Pool(address, token=token, tls=tls, timeout=timeout)
     if address is not None:
-        return Client(address, timeout=timeout, token=token)
+        return Client(address, timeout=timeout, token=token, tls=tls, owner_key=owner_key)
     from .launcher import LocalServer
     server = LocalServer(model=model, device=device, dtype=dtype, progress=progress)
     try:
-        return Client(server.address, timeout=timeout, local_server=server)
+        return Client(server.address, timeout=timeout, local_server=server, tls=False,
+                      owner_key=owner_key)
     except BaseException:
         server.stop()
         raise

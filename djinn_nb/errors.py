@@ -18,6 +18,11 @@ class AuthenticationFailedError(DjinnError, PermissionError):
     """The server wants a token and none, or a wrong one, was given."""
 
 
+class TLSError(DjinnError, ConnectionError):
+    """TLS on one side only (a plain client and a ``--certfile`` server, or the reverse),
+    or a server certificate that does not verify against the CA the client trusts."""
+
+
 class ServerError(DjinnError):
     """An unexpected failure inside the kernel server (a bug: please report it)."""
 
@@ -75,7 +80,7 @@ class SessionClosedError(StateError):
 
 
 _BY_NAME = {cls.__name__: cls for cls in [
-    DjinnError, ConnectionLostError, AuthenticationFailedError, ServerError, InvalidArgumentError, UnknownModelError,
+    DjinnError, ConnectionLostError, AuthenticationFailedError, TLSError, ServerError, InvalidArgumentError, UnknownModelError,
     UnsupportedModelError, LayerOutOfRangeError, InvalidEditError, LimitExceededError,
     UnknownSessionError, TransferError, CheckpointError, StateError, NotPausedError, SessionBusyError, SessionClosedError,
 ]}

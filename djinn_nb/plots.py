@@ -169,3 +169,34 @@ def token_table(base=None, steered=None, *, labels: Sequence[str] = ("baseline",
             f'{"".join(row_a)}</tr>'
             f'<tr><th style="text-align:left;color:{STEER_COLOUR}">{_html.escape(labels[1])}</th>'
             f'{"".join(row_b)}</tr></table></div>')
+
+
+def patching_heatmap(result, labels: Optional[Sequence[str]] = None):
+    """Heatmap of a patching sweep (``PatchingResult``): layers x positions, normalised so
+    the corrupted run is 0 and the clean run 1."""
+    go = _go()
+    x = [f"{p}: {labels[p]}" if labels is not None and p < len(labels) else str(p)
+         for p in result.positions]
+    fig = go.Figure(go.Heatmap(z=result.normalized, x=x, y=[str(layer) for layer in result.layers],
+                               colorscale="RdBu", zmid=0, colorbar=dict(title="patched")))
+    fig.update_xaxes(title_text="position")
+    fig.update_yaxes(title_text=f"layer ({result.site})")
+    return _layout(fig, f"Activation patching: logit difference recovered "
+                        f"(clean {result.clean:.2f}, corrupted {result.corrupted:.2f})",
+                   height=max(260, 18 * len(result.layers)))
+
+
+def logit_lens(lens: dict, title: str = "Logit lens"):
+    """The top-1 token and its probability after each layer (``Session.lens`` output), and
+    the target token's probability per layer when one was given."""
+    go = _go()
+    layers = lens["layers"]
+    top_p = np.asarray(lens["top_probs"])[:, 0]
+    fig = go.Figure(go.Bar(x=layers, y=top_p, name="top-1 probability", marker_color=BASE_COLOUR,
+                           text=[row[0] for row in lens["top_tokens"]], textposition="outside"))
+    if "target_probs" in lens:
+        fig.add_trace(go.Scatter(x=layers, y=np.asarray(lens["target_probs"]), mode="lines+markers",
+                                 name="target probability", line=dict(color=STEER_COLOUR)))
+    fig.update_xaxes(title_text="layer")
+    fig.update_yaxes(title_text="probability", range=[0, 1.1])
+    return _layout(fig, title)

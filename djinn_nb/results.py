@@ -54,6 +54,7 @@ class Paused:
     start: int
     positions: int
     hidden_size: int
+    site: str = "resid"    # where it paused: resid, attn, mlp, heads or module:<path>
 
     @property
     def paused(self) -> bool:
@@ -88,6 +89,48 @@ class Finished:
     @property
     def steps(self) -> list:
         return self.result.steps
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Teacher-forced scores of ``tokens[start:]`` (one server pass, see ``Session.score``).
+
+    Entry i is about position ``start + i``: the log-prob of ``tokens[start + i]`` given
+    the tokens before it. With ``compare=True`` the server also ran the sequence with no
+    steering and sent per-position KL(unsteered || steered), total variation, top-1
+    agreement and relative logit change (computed on the server in float64)."""
+    tokens: list
+    start: int
+    token_logprobs: np.ndarray
+    top_ids: np.ndarray
+    top_probs: np.ndarray
+    kl: Optional[np.ndarray] = None
+    tv: Optional[np.ndarray] = None
+    top1_agree: Optional[np.ndarray] = None
+    rel_logit_change: Optional[np.ndarray] = None
+    baseline_token_logprobs: Optional[np.ndarray] = None
+    logits: Optional[np.ndarray] = None
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "ScoreResult":
+        return cls(**{k: (np.asarray(v) if isinstance(v, (list, np.ndarray)) and k != "tokens" else v)
+                      for k, v in d.items()})
+
+    def __len__(self) -> int:
+        return len(self.token_logprobs)
+
+    def summary(self) -> dict:
+        """Means over the scored positions (and the sequence's total log-prob)."""
+        out = {"positions": len(self), "total_logprob": float(np.sum(self.token_logprobs)),
+               "mean_logprob": float(np.mean(self.token_logprobs)) if len(self) else 0.0}
+        if self.kl is not None and len(self):
+            out.update(mean_kl=float(self.kl.mean()), max_kl=float(self.kl.max()),
+                       mean_tv=float(self.tv.mean()),
+                       top1_agreement=float(np.mean(self.top1_agree)),
+                       mean_rel_logit_change=float(self.rel_logit_change.mean()),
+                       logprob_change=float(np.sum(self.token_logprobs)
+                                            - np.sum(self.baseline_token_logprobs)))
+        return out
 
 
 def event_from_wire(d: dict[str, Any]):

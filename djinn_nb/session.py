@@ -35,6 +35,9 @@ class Session:
         self.device: str = info["device"]
         self.dtype: str = info["dtype"]
         self.architecture: str = info["architecture"]
+        # a model over several devices: all of them, and where each decoder layer computes
+        self.devices: list = info.get("devices", [self.device])
+        self.layer_devices: list = info.get("layer_devices", [self.device] * self.layers)
         self.last_event: Optional[Event] = None
 
     def _call(self, name: str, **kwargs):
@@ -54,23 +57,33 @@ class Session:
         return self.info()["state"]
 
     # ---- breakpoints and steering ------------------------------------------------------
-    def breakpoint(self, layer: int, phase: str = "decode", steps: Optional[Sequence[int]] = None) -> dict:
-        """Pause after decoder block ``layer`` (0-based) on ``phase`` "decode" (steps 1..),
-        "prefill" (step 0) or "both"; on every step, or only on ``steps``."""
-        return self._call("set_breakpoint", layer=layer, phase=phase,
+    def breakpoint(self, layer: Optional[int] = None, phase: str = "decode",
+                   steps: Optional[Sequence[int]] = None, site: str = "resid") -> dict:
+        """Pause at ``site`` of decoder block ``layer`` (0-based) on ``phase`` "decode"
+        (steps 1..), "prefill" (step 0) or "both"; on every step, or only on ``steps``.
+
+        ``site``: "resid" (the block output, default), "attn" / "mlp" (the sub-block
+        output before the residual add), "heads" (per-head attention output, read as
+        [positions, heads, head_dim]) or "module:<dotted.path>" (any module's output;
+        ``layer`` is then not needed)."""
+        return self._call("set_breakpoint", layer=layer, phase=phase, site=site,
                           steps=None if steps is None else list(np.atleast_1d(steps).tolist()))
 
-    def clear_breakpoints(self, layer: Optional[int] = None) -> int:
-        """Remove all breakpoints (or those at ``layer``); returns how many were removed."""
-        return self._call("clear_breakpoints", layer=layer)
+    def clear_breakpoints(self, layer: Optional[int] = None, site: Optional[str] = None) -> int:
+        """Remove all breakpoints (or those at ``layer`` / ``site``); returns how many."""
+        return self._call("clear_breakpoints", layer=layer, site=site)
 
-    def steer(self, layer: int, *, scale: Optional[float] = None, add=None, alpha: float = 1.0,
-              set=None, positions: Positions = "all", phase: str = "both",
-              steps: Optional[Sequence[int]] = None) -> dict:
+    def steer(self, layer: Optional[int] = None, *, scale: Optional[float] = None, add=None,
+              alpha: float = 1.0, set=None, positions: Positions = "all", phase: str = "both",
+              steps: Optional[Sequence[int]] = None, site: str = "resid",
+              head: Optional[int] = None) -> dict:
         """A standing edit of block ``layer``'s output on every step (no pause):
-        ``scale`` (h <- s*h), ``add`` (h <- h + alpha*v, v of shape [hidden]) or ``set``."""
+        ``scale`` (h <- s*h), ``add`` (h <- h + alpha*v, v of shape [hidden]) or ``set``
+        (patching: ``set=cached_rows, positions=[...]``). ``site`` as in ``breakpoint``;
+        ``site="heads", head=3, scale=0.0`` zero-ablates head 3 (vectors are then
+        [head_dim])."""
         return self._call("steer", layer=layer, scale=scale, add=add, alpha=alpha, set=set,
-                          positions=_positions(positions), phase=phase,
+                          positions=_positions(positions), phase=phase, site=site, head=head,
                           steps=None if steps is None else list(np.atleast_1d(steps).tolist()))
 
     def clear_steering(self, rule_id: Optional[int] = None) -> int:
@@ -103,6 +116,100 @@ class Session:
         """Abandon the paused generation; the result holds the tokens made so far."""
         return self._event(self._call("stop"))
 
+    # ---- one-shot passes --------------------------------------------------------------------
+    def score(self, tokens, *, start: Optional[int] = None, steering="session",
+              compare: bool = True, top_k: int = 5, return_logits: bool = False) -> "ScoreResult":
+        """Teacher-forced scoring in one server pass: the log-prob of every token of
+        ``tokens[start:]`` (token ids, or a text) given the tokens before it, under
+        ``steering``: "session" (this session's standing rules), None, or a list of rule
+        dicts with ``steer()``'s keywords (``[{"layer": 6, "scale": 0.9}]``). Rules are
+        applied as in a generation whose prompt is ``tokens[:start]`` (``start`` defaults
+        to 1; pass ``len(result.prompt_tokens)`` to score a generation's own tokens).
+
+        ``compare=True`` also runs the sequence unsteered on the server and returns per
+        position KL(unsteered || steered), total variation, top-1 agreement and relative
+        logit change, with no full-vocabulary logits on the wire (``return_logits=True``
+        sends the steered ones, [positions, vocab])."""
+        from .results import ScoreResult
+        res = getattr(tokens, "result", tokens)
+        if hasattr(res, "prompt_tokens"):               # a GenerationResult / Finished
+            start = len(res.prompt_tokens) if start is None else start
+            tokens = list(res.prompt_tokens) + list(res.tokens)
+        if isinstance(tokens, np.ndarray):
+            tokens = [int(t) for t in tokens]
+        if isinstance(steering, dict):
+            steering = [steering]
+        return ScoreResult.from_wire(self._call(
+            "score", tokens=tokens, start=start, steering=steering, compare=compare, top_k=top_k,
+            return_logits=return_logits))
+
+    def steering_vector(self, positive: Sequence, negative: Sequence, layer: int,
+                        reduce: str = "last") -> np.ndarray:
+        """A steering vector from contrastive prompts: the mean of block ``layer``'s output
+        over ``positive`` minus its mean over ``negative`` (each prompt reduced to its last
+        position, or with ``reduce="mean"`` the mean over its positions). float32
+        ``[hidden]``; use it with ``steer(layer, add=v, alpha=...)``, save it with ``np.save``."""
+        return np.asarray(self._call("steering_vector", positive=list(positive),
+                                     negative=list(negative), layer=layer, reduce=reduce))
+
+    def tokenize(self, text: str) -> list:
+        """Token ids of ``text`` as the server's tokenizer makes them (no special tokens)."""
+        return self._call("tokenize", text=text)
+
+    def decode(self, tokens) -> str:
+        return self._call("decode", tokens=[int(t) for t in tokens])
+
+    def cache(self, prompt, sites: Union[str, Sequence[str]] = "resid",
+              layers: Optional[Union[int, Sequence[int]]] = None, reduce: Optional[str] = None,
+              steering=None) -> "ActivationCache":
+        """Run one forward pass over ``prompt`` and return the activations of every site x
+        layer (all layers by default), reduced on the server: ``reduce=None`` (every
+        position), "last", "mean" or "norm" (a 30-layer cache of norms is a few KB).
+        Sites as in ``breakpoint`` plus "attn_pattern" ([heads, query, key], computed
+        with eager attention). ``steering``: None (default), "session" or rule dicts."""
+        from .analysis import ActivationCache
+        raw = self._call("cache", prompt=prompt, sites=[sites] if isinstance(sites, str) else list(sites),
+                         layers=None if layers is None else [int(x) for x in np.atleast_1d(layers)],
+                         reduce=reduce, steering=steering)
+        return ActivationCache(raw, reduce)
+
+    def lens(self, prompt, layers: Optional[Sequence[int]] = None, k: int = 10,
+             target: Optional[Union[int, str]] = None) -> dict:
+        """Logit lens over layers in one pass: the top-k next tokens read from the last
+        position after each layer (and, with ``target``, that token's probability per
+        layer next to the model's own). ``target`` may be a token id or a one-token text."""
+        if isinstance(target, str):
+            ids = self.tokenize(target)
+            if len(ids) != 1:
+                raise ValueError(f"target {target!r} is {len(ids)} tokens; give one token")
+            target = ids[0]
+        return self._call("lens", prompt=prompt, k=k, target=target,
+                          layers=None if layers is None else [int(x) for x in np.atleast_1d(layers)])
+
+    def patch(self, clean, corrupted, answer, layers: Optional[Sequence[int]] = None,
+              positions: Optional[Sequence[int]] = None, site: str = "resid",
+              head: Optional[int] = None, progress: bool = True) -> "PatchingResult":
+        """Activation patching sweep: for every layer x position, run ``corrupted`` with
+        the clean run's activation at that site and position, and measure the logit
+        difference ``logit[answer[0]] - logit[answer[1]]`` at the last position.
+        Prompts must have the same token count; ``answer`` is two token ids or texts."""
+        from tqdm.auto import tqdm
+        from .analysis import PatchingResult
+        answer = [a if isinstance(a, int) else self._one_token(a) for a in answer]
+        layers = list(range(self.layers)) if layers is None else [int(x) for x in np.atleast_1d(layers)]
+        rows = []
+        for layer in tqdm(layers, desc=f"patching {site}", disable=not progress, leave=False):
+            rows.append(self._call("patch", clean=clean, corrupted=corrupted, layer=layer,
+                                   answer=answer, site=site, head=head,
+                                   positions=None if positions is None else [int(p) for p in positions]))
+        return PatchingResult.from_rows(rows, answer)
+
+    def _one_token(self, text: str) -> int:
+        ids = self.tokenize(text)
+        if len(ids) != 1:
+            raise ValueError(f"{text!r} is {len(ids)} tokens; give one token (or its id)")
+        return ids[0]
+
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint(self) -> "Checkpoint":
         """Snapshot the generation state now (at once; the copy runs in the background).
@@ -129,10 +236,16 @@ class Session:
         return out
 
     def edit(self, *, scale: Optional[float] = None, add=None, alpha: float = 1.0, set=None,
-             positions: Positions = "all") -> dict:
-        """Rewrite the paused hidden state before the forward pass goes on."""
-        return self._call("edit", scale=scale, add=add, alpha=alpha, set=set,
+             positions: Positions = "all", head: Optional[int] = None) -> dict:
+        """Rewrite the paused hidden state before the forward pass goes on (``head``: only
+        that head, when paused at site "heads")."""
+        return self._call("edit", scale=scale, add=add, alpha=alpha, set=set, head=head,
                           positions=_positions(positions))
+
+    def logit_lens(self, k: int = 10, positions: Positions = "last") -> dict:
+        """The paused hidden state read through the final norm and the unembedding:
+        ``top_ids`` / ``top_probs`` [positions, k] and ``top_tokens`` (texts)."""
+        return self._call("logit_lens", k=k, positions=_positions(positions))
 
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

@@ -1,8 +1,10 @@
-"""Server side of the bulk data path (see ``djinn_nb.bulk``): one listener per transfer."""
+"""Server side of the bulk data path (see ``djinn_nb.bulk``): one listener per transfer,
+in TLS when the server has a certificate."""
 from __future__ import annotations
 
 import os
 import socket
+import ssl
 import threading
 import time
 
@@ -14,8 +16,10 @@ class BulkTransfer:
     """A one-shot listener on ``host``: sends ``payload`` (offer) or receives up to
     ``max_bytes`` (expect). ``result()`` waits for the upload to arrive."""
 
-    def __init__(self, host: str, payload=None, max_bytes: int = 0, timeout: float = 60.0):
+    def __init__(self, host: str, payload=None, max_bytes: int = 0, timeout: float = 60.0,
+                 tls: ssl.SSLContext | None = None):
         self.nonce = os.urandom(NONCE_BYTES)
+        self.tls = tls          # the server's TLS context (--certfile): the transfer is TLS too
         self.payload = payload
         self.max_bytes = max_bytes
         self.received: bytearray | None = None
@@ -35,9 +39,11 @@ class BulkTransfer:
                     raise TimeoutError("nobody fetched the transfer in time")
                 self._listener.settimeout(left)
                 conn, _ = self._listener.accept()
-                with conn:
+                try:
                     conn.settimeout(max(deadline - time.monotonic(), 0.01))
                     try:
+                        if self.tls is not None:
+                            conn = self.tls.wrap_socket(conn, server_side=True)
                         if not nonce_ok(self.nonce, bytes(recv_exact(conn, NONCE_BYTES))):
                             continue
                         if self.payload is not None:
@@ -51,8 +57,10 @@ class BulkTransfer:
                             self.received = recv_exact(conn, n)
                             conn.sendall(b"\x01")
                         return
-                    except (OSError, ConnectionLostError):
+                    except (OSError, ConnectionLostError):   # (ssl.SSLError is an OSError)
                         continue
+                finally:
+                    conn.close()
         except Exception as exc:   # timeout, over the limit: reported by result()
             self.error = exc
         finally:

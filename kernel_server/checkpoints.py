@@ -83,10 +83,11 @@ def kv_slices(cache, length: int) -> list:
     mid-forward, the layers before the pause already hold this token's entries: cut off."""
     if cache is None or length == 0:
         return []
-    from transformers.cache_utils import DynamicLayer
+    from transformers.cache_utils import DynamicLayer, StaticLayer
     out = []
     for layer in cache.layers:
-        if type(layer) is not DynamicLayer:
+        # StaticLayer: a fast-decode slot (kernel_server/fast_decode.py), max_len positions
+        if type(layer) not in (DynamicLayer, StaticLayer):
             raise CheckpointError(
                 f"checkpoints support full-attention caches only; this model's cache has "
                 f"{type(layer).__name__} layers (sliding-window attention)")
@@ -94,6 +95,10 @@ def kv_slices(cache, length: int) -> list:
             k, v = layer.keys, layer.values
             if k.shape[-2] != length:
                 k, v = k.narrow(-2, 0, length), v.narrow(-2, 0, length)
+            if type(layer) is StaticLayer and k.device.type != "cuda":
+                # a slot is rewritten in place once its run ends: the background copy
+                # off CUDA (no stream ordering) must not read it later
+                k, v = k.clone(), v.clone()
             out.append((k, v))
     return out
 
@@ -215,6 +220,8 @@ def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
     """A fresh DynamicCache on the model's device holding the checkpoint's keys/values
     (non-blocking copies from pinned memory, ordered after the checkpoint's own copy)."""
     from transformers import DynamicCache
+    if loaded.device_map is not None:
+        return cache_from_host_per_layer(ck, loaded)
     cache = DynamicCache(config=loaded.model.config)
     device = loaded.device
     copy = ck.copy
@@ -247,6 +254,81 @@ def _fill_layer(cache, index: int, keys: torch.Tensor, values: torch.Tensor) -> 
         cache.update(keys, values, index)
 
 
+# ---- models over several devices (an accelerate device map) ---------------------------------
+class MultiCopy:
+    """Copies to host memory in flight on several devices (one BackgroundCopy each)."""
+    event = None
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.events = [p.event for p in parts if p.event is not None]
+
+    def query(self) -> bool:
+        return all(p.query() for p in self.parts)
+
+    def synchronize(self) -> None:
+        for p in self.parts:
+            p.synchronize()
+
+
+def copy_per_device(slices: list, arena: PinnedArena | None = None):
+    """``copy_to_host`` for a KV cache whose layers live on several devices: each CUDA
+    device's layers go through ``copy_to_host`` on that device's side stream (stacked into
+    one block of the pinned arena, one event per device), so the devices copy at once; CPU
+    layers are cloned by the background thread. Same return value as ``copy_to_host``; the
+    host pairs keep the layer order."""
+    from .sharding import group_by_device
+    if not slices:
+        return [], None, None
+    hosts: list = [None] * len(slices)
+    parts, releases = [], []
+    for device, index in group_by_device([k.device for k, _ in slices]).items():
+        group = [slices[i] for i in index]
+        if device.type == "cuda":
+            pairs, done, release = copy_to_host(group, device, arena)
+            for i, pair in zip(index, pairs):
+                hosts[i] = pair
+            parts.append(done)
+            if release is not None:
+                releases.append(release)
+        else:
+            def clone(group=group, index=index):
+                with torch.inference_mode():
+                    for i, (k, v) in zip(index, group):
+                        hosts[i] = (k.clone(), v.clone())
+            parts.append(BackgroundCopy(job=clone))
+    release = (lambda: [r() for r in releases]) if releases else None
+    return hosts, MultiCopy(parts), release
+
+
+def cache_from_host_per_layer(ck: Checkpoint, loaded: LoadedModel):
+    """``cache_from_host`` for a model over several devices: layer i's keys/values go to
+    the device where decoder layer i computes now (the model's current device map, which
+    may differ from the one the checkpoint was taken under); each device's copies are
+    ordered after the checkpoint's copy events, with no host wait unless a CPU is involved."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=loaded.model.config)
+    targets = [loaded.layer_device(i) for i in range(len(ck.kv))]
+    copy = ck.copy
+    if copy is not None:
+        parts = getattr(copy, "parts", [copy])
+        if any(p._future is not None for p in parts) or any(d.type != "cuda" for d in targets):
+            copy.synchronize()
+        else:
+            events = getattr(copy, "events", None) or [copy.event]
+            for device in dict.fromkeys(targets):
+                for event in events:
+                    torch.cuda.current_stream(device).wait_event(event)
+    for i, (k, v) in enumerate(ck.kv):
+        device = targets[i]
+        if device.type == "cuda":
+            k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+        else:
+            k, v = k.to(device, copy=True), v.to(device, copy=True)   # never alias the host copy
+        _fill_layer(cache, i, k, v)
+    return cache
+
+
 class CheckpointStore:
     """All checkpoints of a server, each owned by one client, within a host-memory budget."""
 
@@ -257,12 +339,14 @@ class CheckpointStore:
         self._items: dict[str, Checkpoint] = {}
         self._lock = threading.Lock()
 
-    def prepare(self, device: torch.device) -> None:
-        """Allocate the pinned arena now (CUDA only), so no checkpoint pays for it."""
-        if device.type == "cuda":
-            side_stream(device)
-            if self.arena is None and self.pinned_pool_bytes > 0:
-                self.arena = PinnedArena(self.pinned_pool_bytes)
+    def prepare(self, device) -> None:
+        """Allocate the pinned arena now (CUDA only), so no checkpoint pays for it; one
+        side stream per device (``device`` may be a list: a model over several devices)."""
+        for device in (device if isinstance(device, (list, tuple)) else [device]):
+            if device.type == "cuda":
+                side_stream(device)
+                if self.arena is None and self.pinned_pool_bytes > 0:
+                    self.arena = PinnedArena(self.pinned_pool_bytes)
 
     @property
     def used_bytes(self) -> int:
@@ -284,7 +368,9 @@ class CheckpointStore:
         nbytes = kv_nbytes + sum(r.nbytes for r in state.logits)
         with self._lock:
             self._reserve(nbytes)
-            hosts, done, release = copy_to_host(slices, loaded.device, self.arena)
+            hosts, done, release = (copy_per_device(slices, self.arena)      # layers over devices
+                                    if loaded.device_map is not None else
+                                    copy_to_host(slices, loaded.device, self.arena))
             ck = Checkpoint(uuid.uuid4().hex[:12], owner, loaded.name, state,
                             copy_interventions(interventions), hosts, nbytes, copy=done,
                             release=release, kv_nbytes=kv_nbytes)
@@ -463,7 +549,8 @@ def _checked_checkpoint(meta: dict, tensors: dict, loaded: LoadedModel, owner: s
                 raise CheckpointError(f"invalid checkpoint contents: rule {index} has no vector")
             args[V.choice(r["kind"], "kind", ("add", "set"))] = vec.float().numpy()
             args["alpha"] = r["alpha"]
-        op = V.edit_op(args, loaded.hidden_size, dev, dtype, standing=True)
+        op = V.edit_op(args, loaded.hidden_size, loaded.layer_device(V.layer(r["layer"], n_layers)),
+                       dtype, standing=True)      # the vector lives where its layer computes
         rules.append(SteeringRule(V.layer(r["layer"], n_layers), op,
                                   V.choice(r["phase"], "phase", V.PHASES), V.steps(r["steps"], limits),
                                   V.integer(r["id"], "rule id", 0)))

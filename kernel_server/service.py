@@ -18,6 +18,7 @@ from djinn_nb.errors import (CheckpointError, DjinnError, InvalidArgumentError,
 from djinn_nb.wire import pack, unpack
 from . import checkpoints as C
 from .bulk import BulkTransfer
+from .ownership import principal
 
 log = logging.getLogger("kernel_server")
 #: arrays at least this large go over the bulk path instead of inside the rpyc reply
@@ -35,6 +36,26 @@ def _bind(fn, args: dict):
         raise InvalidArgumentError(f"{fn.__name__}(): {exc}") from None
 
 
+def invoke(fn, service, args, signature=None) -> dict:
+    """Call the exposed method ``fn`` (undecorated) with ``args``: checked against its
+    signature, errors translated. ``{"ok": value}`` or ``{"error": {"type", "message"}}``;
+    rpyc (``remote``) and the control channel (``kernel_server.control``) both call this."""
+    try:
+        if not isinstance(args, dict):
+            raise InvalidArgumentError("request arguments must be a dict")
+        try:
+            (signature or inspect.signature(fn)).bind(service, **args)
+        except TypeError as exc:
+            raise InvalidArgumentError(f"{fn.__name__.removeprefix('exposed_')}(): {exc}") from None
+        return {"ok": fn(service, **args)}
+    except DjinnError as exc:
+        return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+    except Exception as exc:  # a server bug: log it here, send a clean message
+        log.exception("error in %s", fn.__name__)
+        return {"error": {"type": "ServerError", "message": f"{fn.__name__} failed inside the "
+                          f"server: {type(exc).__name__}: {exc}"}}
+
+
 def remote(fn):
     """Unpack the request, check it fits the signature, translate errors, pack the result."""
     signature = inspect.signature(fn)
@@ -43,13 +64,7 @@ def remote(fn):
     def wrapper(self, packed=None):
         try:
             args = {} if packed is None else unpack(packed)
-            if not isinstance(args, dict):
-                raise InvalidArgumentError("request arguments must be a dict")
-            try:
-                signature.bind(self, **args)
-            except TypeError as exc:
-                raise InvalidArgumentError(f"{fn.__name__.removeprefix('exposed_')}(): {exc}") from None
-            return pack({"ok": fn(self, **args)})
+            return pack(invoke(fn, self, args, signature))
         except DjinnError as exc:
             return _error(exc)
         except Exception as exc:  # a server bug: log it here, send a clean message
@@ -68,12 +83,21 @@ class KernelService(rpyc.Service):
         self._uploads: dict[str, BulkTransfer] = {}
 
     def on_connect(self, conn):
+        self._rpyc_conn = conn            # (the control channel ends it when it closes)
+        # "token" when the authenticator checked a token, else None (kernel_server.ownership)
+        self._credentials = conn._config.get("credentials")
+        self.kernel.owners.connected(self.owner, principal(self._credentials, None))
         log.info("client %s connected", self.owner[:8])
 
     def on_disconnect(self, conn):
-        n = self.kernel.sessions.close_owner(self.owner)
-        self.kernel.checkpoints.drop_owner(self.owner)
-        log.info("client %s disconnected; released %d sessions", self.owner[:8], n)
+        if getattr(self.kernel, "control", None) is not None:
+            self.kernel.control.detach(self)      # its control channel closes with it
+        n = self.kernel.owners.disconnected(self.owner)   # released now, or kept for the grace
+        if n is None:
+            log.info("client %s disconnected; its sessions are kept for %g s (--reconnect-grace-s)",
+                     self.owner[:8], self.kernel.owners.grace_s)
+        else:
+            log.info("client %s disconnected; released %d sessions", self.owner[:8], n)
 
     def _session_call(self, name: str, session, args: dict):
         target = getattr(self.kernel.sessions.get(session, self.owner), name)
@@ -81,12 +105,45 @@ class KernelService(rpyc.Service):
         return target(**args)
 
     @remote
-    def exposed_hello(self):
-        return self.kernel.info()
+    def exposed_hello(self, owner_key=None):
+        """Server facts, and this connection's owner id (needed to re-attach its sessions
+        after a disconnect). ``owner_key``: the client's owner proof (``djinn_nb.auth``)."""
+        if owner_key is not None:
+            self.kernel.owners.connected(self.owner, principal(self._credentials, owner_key))
+        return {**self.kernel.info(), "owner": self.owner}
+
+    @remote
+    def exposed_reattach(self, owner):
+        """Take back what the connection with owner id ``owner`` held (client.reconnect())."""
+        return self.kernel.owners.reattach(owner, self.owner)
+
+    @remote
+    def exposed_closing(self):
+        """The client closes on purpose: release its sessions when it goes, grace or not."""
+        self.kernel.owners.connected(self.owner, None)
+
+    @remote
+    def exposed_attach(self, session):
+        """Take over a disconnected client's session of the same token/owner key."""
+        self.kernel.owners.attach(session, self.owner)
+        return self.kernel.sessions.get(session, self.owner).info()
 
     @remote
     def exposed_ping(self):
         return None
+
+    @remote
+    def exposed_memory(self):
+        """Per device: allocated / reserved / total bytes (CUDA), the process RSS (cpu), and
+        the decoder layers of each loaded model kept there (``client.stats()["devices"]``)."""
+        return self.kernel.memory()
+
+    @remote
+    def exposed_open_control(self):
+        """Offer a control channel (``djinn_nb.control``): its port and a one-time nonce."""
+        if getattr(self.kernel, "control", None) is None:
+            raise InvalidArgumentError("this server offers no control channel")
+        return self.kernel.control.offer(self)
 
     @remote
     def exposed_open_session(self, model=None):
@@ -125,8 +182,41 @@ class KernelService(rpyc.Service):
         if array.nbytes < BULK_THRESHOLD:
             return array
         # large arrays take the raw-socket bulk path: rpyc moves ~0.02 GB/s of them
-        offer = BulkTransfer(self.kernel.bulk_host, payload=memoryview(array).cast("B"))
+        offer = BulkTransfer(self.kernel.bulk_host, payload=memoryview(array).cast("B"),
+                             tls=self.kernel.bulk_tls)
         return {"bulk": offer.describe(), "dtype": array.dtype.name, "shape": list(array.shape)}
+
+    @remote
+    def exposed_score(self, session, **args):
+        return self._session_call("score", session, args)
+
+    @remote
+    def exposed_tokenize(self, session, **args):
+        return self._session_call("tokenize", session, args)
+
+    @remote
+    def exposed_decode(self, session, **args):
+        return self._session_call("decode", session, args)
+
+    @remote
+    def exposed_cache(self, session, **args):
+        return self._session_call("cache", session, args)
+
+    @remote
+    def exposed_lens(self, session, **args):
+        return self._session_call("lens", session, args)
+
+    @remote
+    def exposed_logit_lens(self, session, **args):
+        return self._session_call("logit_lens", session, args)
+
+    @remote
+    def exposed_patch(self, session, **args):
+        return self._session_call("patch", session, args)
+
+    @remote
+    def exposed_steering_vector(self, session, **args):
+        return self._session_call("steering_vector", session, args)
 
     @remote
     def exposed_edit(self, session, **args):
@@ -189,7 +279,8 @@ class KernelService(rpyc.Service):
         """Offer the checkpoint file on the bulk path; the client fetches it."""
         ck = self.kernel.checkpoints.get(checkpoint, self.owner)
         data = C.to_bytes(ck, self.kernel.models.get(ck.model))
-        return {**BulkTransfer(self.kernel.bulk_host, payload=data).describe(), "nbytes": len(data)}
+        return {**BulkTransfer(self.kernel.bulk_host, payload=data,
+                                 tls=self.kernel.bulk_tls).describe(), "nbytes": len(data)}
 
     @remote
     def exposed_begin_upload(self, nbytes):
@@ -201,7 +292,7 @@ class KernelService(rpyc.Service):
         if len(self._uploads) >= 4:
             raise LimitExceededError("4 uploads are already waiting to be imported; "
                                      "import or let them expire first")
-        transfer = BulkTransfer(self.kernel.bulk_host, max_bytes=nbytes)
+        transfer = BulkTransfer(self.kernel.bulk_host, max_bytes=nbytes, tls=self.kernel.bulk_tls)
         key = transfer.nonce.hex()
         self._uploads[key] = transfer
         return transfer.describe()

@@ -6,6 +6,7 @@ Every method checks the state first and raises a typed error that changes nothin
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import uuid
@@ -15,6 +16,7 @@ import torch
 
 from djinn_nb.errors import (CheckpointError, LimitExceededError, NotPausedError, SessionBusyError,
                              SessionClosedError, UnknownSessionError, InvalidArgumentError)
+from . import sites
 from . import validation as V
 from .checkpoints import Checkpoint, CheckpointStore, cache_from_host, copy_interventions
 from .generation import (GenerationConfig, GenerationRun, GenState, apply_paused_edit,
@@ -171,20 +173,151 @@ class Session:
             self.state = READY
             return self.info()
 
+    # ---- one-shot passes (no generation; allowed whenever no forward pass of ours runs) ---
+    def score(self, tokens, start=None, steering="session", compare=True, top_k=5,
+              return_logits=False) -> dict:
+        """Teacher-forced log-probs of ``tokens[start:]`` in one pass (see analysis.score)."""
+        from . import analysis
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            ids = V.prompt_ids(tokens, self.loaded.tokenizer, False, self.limits,
+                               self.loaded.vocab_size)
+            if len(ids) < 2:
+                raise InvalidArgumentError("score needs at least 2 tokens (a context and a target)")
+            start = 1 if start is None else V.integer(start, "start", 1, len(ids) - 1)
+            rules = self._rules_arg(steering)
+            return analysis.score(self.loaded, ids, start, rules, V.boolean(compare, "compare"),
+                                  V.integer(top_k, "top_k", 1, 100),
+                                  V.boolean(return_logits, "return_logits"))
+
+    def steering_vector(self, positive, negative, layer, reduce="last") -> np.ndarray:
+        """mean(block ``layer`` output | positive prompts) - mean(| negative prompts)."""
+        from . import analysis
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            tok, lim, vocab = self.loaded.tokenizer, self.limits, self.loaded.vocab_size
+            pos = V.prompt_list(positive, "positive", tok, lim, vocab)
+            neg = V.prompt_list(negative, "negative", tok, lim, vocab)
+            return analysis.steering_vector(self.loaded, pos, neg,
+                                            V.layer(layer, self.loaded.num_layers),
+                                            V.choice(reduce, "reduce", ("last", "mean")))
+
+    def _rules_arg(self, steering) -> list:
+        if steering == "session":
+            return list(self.interventions.rules)
+        if steering is None:
+            return []
+        from .generation import _current
+        rules = V.rules(steering, self.loaded, self.limits)
+        for r in rules:
+            sites.install(self.loaded, sites.resolve(self.loaded, r.layer, r.site), _current)
+        return rules
+
+    def _layers_arg(self, layers) -> list:
+        n = self.loaded.num_layers
+        if layers is None:
+            return list(range(n))
+        if isinstance(layers, int) and type(layers) is not bool:
+            layers = [layers]
+        if not isinstance(layers, list) or not layers or len(layers) > n:
+            raise InvalidArgumentError(f"layers must be None (all), an int or a list of layer indices")
+        out = sorted({V.layer(x, n) for x in layers})
+        return out
+
+    def tokenize(self, text) -> list:
+        """Token ids of ``text`` (no special tokens), as ``generate`` would see it."""
+        with self._lock:
+            if not isinstance(text, str):
+                raise InvalidArgumentError("text must be a str")
+            return V.prompt_ids(text, self.loaded.tokenizer, False, self.limits, self.loaded.vocab_size)
+
+    def decode(self, tokens) -> str:
+        with self._lock:
+            ids = V.prompt_ids(tokens, self.loaded.tokenizer, False, self.limits, self.loaded.vocab_size)
+            return self.loaded.tokenizer.decode(ids)
+
+    def cache(self, prompt, sites=("resid",), layers=None, reduce=None, steering=None) -> dict:
+        """One forward pass over ``prompt``; the activations of ``sites`` x ``layers``,
+        reduced on the server (see analysis.cache)."""
+        from . import analysis
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            ids = V.prompt_ids(prompt, self.loaded.tokenizer, False, self.limits,
+                               self.loaded.vocab_size)
+            if isinstance(sites, str):
+                sites = [sites]
+            if not isinstance(sites, (list, tuple)) or not sites or len(sites) > 16:
+                raise InvalidArgumentError("sites must be a site name or a list of 1..16 of them")
+            if reduce is not None:
+                V.choice(reduce, "reduce", ("last", "mean", "norm"))
+            layers = self._layers_arg(layers)
+            keys = []
+            for name in sites:
+                for layer in ([None] if isinstance(name, str) and name.startswith("module:") else layers):
+                    resolved, _, _, _ = self._site(layer, name, writable=False)
+                    keys.append(resolved.key)
+            per_row = self.loaded.hidden_size * 4 * (len(ids) if reduce in (None, "norm") else 1)
+            if reduce is None and len(keys) * per_row * len(ids) > 2**30:
+                raise LimitExceededError("this cache would be over 1 GiB: ask for fewer layers or "
+                                         "sites, or a reduce= ('last', 'mean', 'norm')")
+            return analysis.cache(self.loaded, ids, keys, reduce, self._rules_arg(steering))
+
+    def lens(self, prompt, layers=None, k=10, target=None) -> dict:
+        """Logit lens of the prompt's last position after each of ``layers``, one pass."""
+        from . import analysis
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            ids = V.prompt_ids(prompt, self.loaded.tokenizer, False, self.limits,
+                               self.loaded.vocab_size)
+            if target is not None:
+                target = V.integer(target, "target", 0, self.loaded.vocab_size - 1)
+            return analysis.lens_layers(self.loaded, ids, self._layers_arg(layers),
+                                        V.integer(k, "k", 1, 1000), target)
+
+    def patch(self, clean, corrupted, layer, answer, positions=None, site="resid", head=None) -> dict:
+        """Activation patching of one layer (see analysis.patch_row)."""
+        from . import analysis
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            tok, lim, vocab = self.loaded.tokenizer, self.limits, self.loaded.vocab_size
+            clean_ids = V.prompt_ids(clean, tok, False, lim, vocab)
+            bad_ids = V.prompt_ids(corrupted, tok, False, lim, vocab)
+            if len(clean_ids) != len(bad_ids):
+                raise InvalidArgumentError(
+                    f"clean and corrupted prompts must have the same number of tokens "
+                    f"({len(clean_ids)} vs {len(bad_ids)}) so that positions line up")
+            resolved, head, _, _ = self._site(layer, site, head)
+            if resolved.layer < 0:
+                raise InvalidArgumentError("patching works on block sites (resid, attn, mlp, heads)")
+            if not isinstance(answer, list) or len(answer) != 2:
+                raise InvalidArgumentError("answer must be two token ids [correct, wrong]")
+            answer = tuple(V.integer(a, "answer token", 0, vocab - 1) for a in answer)
+            n = len(clean_ids)
+            positions = list(range(n)) if positions is None else \
+                [V.integer(p, "position", 0, n - 1) for p in (positions if isinstance(positions, list) else [positions])]
+            return analysis.patch_row(self.loaded, clean_ids, bad_ids, resolved.layer, resolved.name,
+                                      positions, answer, head)
+
     # ---- while paused -----------------------------------------------------------------
+    def _paused_rows(self, positions) -> torch.Tensor:
+        point = self.run.pause
+        pos = V.positions(positions)
+        h = point.hidden[0]
+        if pos == "last":
+            return h[-1:]
+        if isinstance(pos, tuple):
+            V.positions_in_chunk(pos, point.start, h.shape[0])
+            return h[torch.tensor([p - point.start for p in pos], device=h.device)]
+        return h
+
     def activation(self, positions="all", reduce=None) -> np.ndarray:
         with self._lock:
             self._require(PAUSED)
-            point = self.run.pause
-            pos = V.positions(positions)
             if reduce is not None:
                 V.choice(reduce, "reduce", ("norm", "mean"))
-            h = point.hidden[0]
-            if pos == "last":
-                h = h[-1:]
-            elif isinstance(pos, tuple):
-                V.positions_in_chunk(pos, point.start, h.shape[0])
-                h = h[torch.tensor([p - point.start for p in pos], device=h.device)]
+            h = self._paused_rows(positions)
+            if self.run.pause.site == "heads":          # [positions, heads, head_dim]
+                h = h.reshape(h.shape[0], *sites.head_geometry(self.loaded))
             with torch.inference_mode():
                 if reduce == "norm":
                     h = h.float().norm(dim=-1)
@@ -192,46 +325,93 @@ class Session:
                     h = h.float().mean(dim=0)
                 return h.float().cpu().numpy()
 
-    def edit(self, **args) -> dict:
+    def logit_lens(self, k=10, positions="last") -> dict:
+        """The paused hidden state through the final norm and the unembedding: top-k."""
+        from . import analysis
+        with self._lock:
+            self._require(PAUSED)
+            k = V.integer(k, "k", 1, 1000)
+            point = self.run.pause
+            if point.site not in ("resid", "attn", "mlp"):
+                raise InvalidArgumentError(f"the logit lens reads the residual stream (sites resid, "
+                                           f"attn, mlp), not {point.site!r}")
+            rows = self._paused_rows(positions)
+            out = analysis.lens_topk(self.loaded, rows, k)
+            pos = V.positions(positions)
+            n = int(point.hidden.shape[1])
+            out["positions"] = (list(range(point.start, point.start + n)) if pos == "all"
+                                else [point.start + n - 1] if pos == "last" else list(pos))
+            out.update(layer=point.layer, site=point.site, step=point.step)
+            return out
+
+    def edit(self, head=None, **args) -> dict:
         with self._lock:
             self._require(PAUSED)
             point = self.run.pause
-            op = V.edit_op(args, self.loaded.hidden_size, self.loaded.device, self.loaded.dtype)
+            width = int(point.hidden.shape[-1])
+            head_dim = 0
+            if head is not None:
+                if point.site != "heads":
+                    raise InvalidArgumentError("head= needs a pause at site='heads'")
+                heads, head_dim = sites.head_geometry(self.loaded)
+                head, width = V.integer(head, "head", 0, heads - 1), head_dim
+            # the vector is made where the paused layer computes (a model over several devices)
+            op = V.edit_op(args, width, point.hidden.device, self.loaded.dtype)
+            if head is not None:
+                op = dataclasses.replace(op, head=head, head_dim=head_dim)
             V.check_rows_fit(op, point.start, int(point.hidden.shape[1]))
             apply_paused_edit(point, op)
             return {"edits": point.edits}
 
     # ---- breakpoints and steering ------------------------------------------------------
-    def set_breakpoint(self, layer, phase="decode", steps=None) -> dict:
+    def _site(self, layer, site, head=None, writable=True):
+        """Resolve and hook a site; (Site, head, vector width, device of its tensors)."""
+        from .generation import _current
+        resolved, head, width = V.site(self.loaded, layer, site, head, writable)
+        sites.install(self.loaded, resolved, _current)
+        if resolved.layer >= 0:
+            device = self.loaded.layer_device(resolved.layer)
+        else:
+            device = next(resolved.module.parameters(), torch.empty(0, device=self.loaded.device)).device
+        return resolved, head, width, device
+
+    def set_breakpoint(self, layer, phase="decode", steps=None, site="resid") -> dict:
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
-            bp = Breakpoint(V.layer(layer, self.loaded.num_layers), V.choice(phase, "phase", V.PHASES),
-                            V.steps(steps, self.limits))
+            resolved, _, _, _ = self._site(layer, site)
+            bp = Breakpoint(resolved.layer, V.choice(phase, "phase", V.PHASES),
+                            V.steps(steps, self.limits), site=resolved.name)
             if bp not in self.interventions.breakpoints:
                 self.interventions.breakpoints.append(bp)
             self._refresh()
             return bp.describe()
 
-    def clear_breakpoints(self, layer=None) -> int:
+    def clear_breakpoints(self, layer=None, site=None) -> int:
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
             if layer is not None:
                 V.layer(layer, self.loaded.num_layers)
+            if site is not None and not isinstance(site, str):
+                raise InvalidArgumentError("site must be a str")
             before = len(self.interventions.breakpoints)
-            self.interventions.breakpoints = [b for b in self.interventions.breakpoints
-                                              if layer is not None and b.layer != layer]
+            self.interventions.breakpoints = [
+                b for b in self.interventions.breakpoints
+                if not ((layer is None or b.layer == layer) and (site is None or b.site == site))]
             self._refresh()
             return before - len(self.interventions.breakpoints)
 
-    def steer(self, layer, phase="both", steps=None, **args) -> dict:
+    def steer(self, layer, phase="both", steps=None, site="resid", head=None, **args) -> dict:
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
+            resolved, head, width, device = self._site(layer, site, head)
+            # its vector lives on the site's device (no copy per step)
+            op = V.edit_op(args, width, device, self.loaded.dtype, standing=True)
+            if head is not None:
+                op = dataclasses.replace(op, head=head, head_dim=resolved.head_dim)
             rule = SteeringRule(
-                layer=V.layer(layer, self.loaded.num_layers),
-                op=V.edit_op(args, self.loaded.hidden_size, self.loaded.device, self.loaded.dtype,
-                             standing=True),
+                layer=resolved.layer, op=op,
                 phase=V.choice(phase, "phase", V.PHASES), steps=V.steps(steps, self.limits),
-                id=next(self._rule_ids))
+                id=next(self._rule_ids), site=resolved.name)
             self.interventions.rules.append(rule)
             self._refresh()
             return rule.describe()
@@ -260,7 +440,8 @@ class Session:
 
 
 class SessionManager:
-    """All sessions of a server, each owned by the connection that opened it."""
+    """All sessions of a server, each owned by one connection (the one that opened it, or
+    one that re-attached it: see ``kernel_server.ownership``)."""
 
     def __init__(self, limits: V.Limits):
         self.limits = limits
@@ -299,6 +480,28 @@ class SessionManager:
         for s in mine:
             s.close()
         return len(mine)
+
+    def owner_of(self, session_id: str) -> str | None:
+        session = self._sessions.get(session_id)
+        return None if session is None else session.owner
+
+    def owned_by(self, owner: str) -> list[str]:
+        with self._lock:
+            return [s.id for s in self._sessions.values() if s.owner == owner]
+
+    def move(self, old: str, new: str, session_id: str | None = None) -> list[str]:
+        """Hand ``old``'s sessions (or just ``session_id``) to owner ``new``."""
+        with self._lock:
+            moving = [s for s in self._sessions.values() if s.owner == old
+                      and (session_id is None or s.id == session_id)]
+            have = sum(1 for s in self._sessions.values() if s.owner == new)
+            if moving and have + len(moving) > self.limits.max_sessions_per_client:
+                raise LimitExceededError(
+                    f"this client has {have} sessions; taking {len(moving)} more would pass the "
+                    "server limit (--max-sessions-per-client); close some first")
+            for s in moving:
+                s.owner = new
+            return [s.id for s in moving]
 
     def close_all(self) -> int:
         with self._lock:

@@ -30,6 +30,10 @@ class Limits:
     pinned_pool_mb: float = 512.0          # pinned host memory allocated at start (CUDA)
     pause_timeout_s: float = 3600.0        # a generation paused longer is stopped
     max_upload_mb: float = 16384.0
+    # one rpyc request with all its arguments (a float32 set= of [4096, 4096] is 64 MiB)
+    max_request_mb: float = 128.0
+    reconnect_grace_s: float = 0.0         # keep a disconnected client's sessions this long
+    max_models: int = 4                    # models loaded at once, the default one included
 
 
 def integer(value: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -110,7 +114,7 @@ def vector(value: Any, hidden_size: int, name: str, device, dtype) -> torch.Tens
             raise InvalidEditError(f"{name} must be an array, got {type(value).__name__}")
     if value.dtype.kind not in "fiu":
         raise InvalidEditError(f"{name} must hold numbers, got dtype {value.dtype}")
-    if value.ndim not in (1, 2) or value.shape[-1] != hidden_size:
+    if value.ndim not in (1, 2) or (hidden_size is not None and value.shape[-1] != hidden_size):
         raise InvalidEditError(f"{name} must have shape [{hidden_size}] or [positions, {hidden_size}] "
                                f"(the model's hidden size), got {list(value.shape)}")
     if not np.all(np.isfinite(value)):
@@ -206,3 +210,69 @@ def prompt_ids(prompt: Any, tokenizer, chat: bool, limits: Limits, vocab_size: i
         raise LimitExceededError(f"prompt has {len(ids)} tokens; the server limit is "
                                  f"{limits.max_prompt_tokens} (--max-prompt-tokens)")
     return ids
+
+
+RULE_KEYS = {"layer", "scale", "add", "alpha", "set", "positions", "phase", "steps", "site", "head"}
+
+
+def rules(value: Any, loaded, limits: Limits, first_id: int = 1) -> list:
+    """Steering rules given as a list of dicts (``{"layer": 6, "scale": 0.9}``, the same
+    keywords as ``steer()``) for a one-shot pass; at most 64."""
+    from .interventions import SteeringRule
+    if not isinstance(value, list) or len(value) > 64:
+        raise InvalidArgumentError("steering must be 'session', None, or a list of at most 64 "
+                                   "rule dicts like {'layer': 6, 'scale': 0.9}")
+    out = []
+    for i, d in enumerate(value):
+        if not isinstance(d, dict) or "layer" not in d:
+            raise InvalidArgumentError(f"steering[{i}] must be a dict with a 'layer' key")
+        unknown = set(d) - RULE_KEYS
+        if unknown:
+            raise InvalidArgumentError(f"steering[{i}] has unknown keys {sorted(unknown)}; "
+                                       f"allowed: {sorted(RULE_KEYS)}")
+        resolved, head, width = site(loaded, d["layer"], d.get("site", "resid"), d.get("head"))
+        index = resolved.layer
+        # the vector lives on its layer's device (a device map)
+        device = loaded.layer_device(index) if index >= 0 else loaded.device
+        op = edit_op(d, width, device, loaded.dtype, standing=True)
+        if head is not None:
+            import dataclasses
+            op = dataclasses.replace(op, head=head, head_dim=resolved.head_dim)
+        out.append(SteeringRule(
+            layer=index, op=op, phase=choice(d.get("phase", "both"), "phase", PHASES),
+            steps=steps(d.get("steps"), limits), id=first_id + i, site=resolved.name))
+    return out
+
+
+def prompt_list(value: Any, name: str, tokenizer, limits: Limits, vocab_size: int) -> list:
+    """A non-empty list (at most 256) of prompts, each as ``prompt_ids`` accepts."""
+    if not isinstance(value, list) or not value or len(value) > 256:
+        raise InvalidArgumentError(f"{name} must be a list of 1..256 prompts")
+    return [prompt_ids(p, tokenizer, False, limits, vocab_size) for p in value]
+
+
+def site(loaded, layer_value: Any, name: Any, head: Any = None, writable: bool = True):
+    """(resolved ``sites.Site``, head index or None, width of one row of an edit vector or
+    None when unknown (module sites)) for a breakpoint / rule / edit / read at a site."""
+    from . import sites
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"site must be a str, got {type(name).__name__}")
+    if name.startswith(sites.MODULE_PREFIX):
+        if layer_value is not None:
+            layer(layer_value, loaded.num_layers)
+        resolved = sites.resolve(loaded, -1, name)
+    else:
+        resolved = sites.resolve(loaded, layer(layer_value, loaded.num_layers), name)
+    if name == "attn_pattern" and writable:
+        raise InvalidArgumentError(
+            "attn_pattern is read-only and is not formed by the decode loop's fused attention: "
+            "read attention patterns with s.cache(prompt, sites=['attn_pattern'])")
+    width = None if name.startswith(sites.MODULE_PREFIX) else loaded.hidden_size
+    if name == "heads":
+        width = resolved.heads * resolved.head_dim
+    if head is not None:
+        if name != "heads":
+            raise InvalidArgumentError("head= is only meaningful with site='heads'")
+        head = integer(head, "head", 0, resolved.heads - 1)
+        width = resolved.head_dim
+    return resolved, head, width

@@ -170,3 +170,142 @@ def test_sigterm_stops_the_server_cleanly(tmp_path):
     finally:
         proc2.kill()
         proc2.wait(timeout=30)
+
+
+# ---- re-attaching after a disconnect (--reconnect-grace-s) ---------------------------------
+def cut(client) -> None:
+    """The network goes: the client's sockets die under it, nobody closes anything politely."""
+    for sock in [client._conn._channel.stream.sock,
+                 getattr(client._control, "sock", None)]:
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+@pytest.fixture
+def grace_server():
+    from kernel_server.server import Kernel, KernelServer
+    from kernel_server.validation import Limits
+    srv = KernelServer(Kernel("tiny-gpt2", device="cpu", limits=Limits(reconnect_grace_s=600)),
+                       "127.0.0.1", 0).start()
+    yield srv
+    srv.close()
+
+
+def test_reconnect_reattaches_paused_sessions_and_checkpoints(grace_server):
+    owners = grace_server.kernel.owners
+    with dj.connect(grace_server.address) as a, dj.connect(grace_server.address) as b:
+        s = a.session()
+        reference = s.generate(PROMPT, max_new_tokens=8, stop_at_eos=False).tokens
+        s.breakpoint(layer=2, steps=[3])
+        assert s.generate(PROMPT, max_new_tokens=8, stop_at_eos=False).paused
+        ck = s.checkpoint().wait()
+        other = a.session()                              # an idle one comes back too
+        old_owner = a._owner
+        cut(a)
+        assert wait_for(lambda: old_owner in owners._orphans)   # the server saw it go
+        with pytest.raises(dj.ConnectionLostError):
+            s.activation()
+        # another client (no token here: its own random owner key) gets nothing of it
+        with pytest.raises(dj.UnknownSessionError):
+            b.attach(s.id)
+        assert b._call("reattach", owner=old_owner) == {"sessions": [], "checkpoints": []}
+        for call, args in [("session_info", {}), ("activation", {}), ("resume", {}),
+                           ("restore", {"checkpoint": ck.id})]:
+            with pytest.raises(dj.UnknownSessionError):
+                b._call(call, session=s.id, **args)
+        with pytest.raises(dj.CheckpointError):
+            b.session().restore(ck)
+        # the client itself takes everything back; the same objects keep working
+        got = a.reconnect()
+        assert sorted(got["sessions"]) == sorted([s.id, other.id]) and got["checkpoints"] == [ck.id]
+        assert s.state == "paused" and s.activation().shape == (1, 64)
+        assert s.resume().tokens == reference
+        s.restore(ck)
+        assert s.resume().paused and s.resume().tokens == reference
+        assert other.generate(PROMPT, max_new_tokens=8, stop_at_eos=False).tokens == reference
+        assert [c["id"] for c in a.checkpoints()] == [ck.id]
+
+
+def test_grace_period_over_releases_everything():
+    from kernel_server.server import Kernel, KernelServer
+    from kernel_server.validation import Limits
+    srv = KernelServer(Kernel("tiny-gpt2", device="cpu", limits=Limits(reconnect_grace_s=0.5)),
+                       "127.0.0.1", 0).start()
+    try:
+        with dj.connect(srv.address) as watcher, dj.connect(srv.address) as a:
+            s = a.session()
+            s.breakpoint(layer=2)
+            assert s.generate(PROMPT, max_new_tokens=4).paused
+            s.checkpoint().wait()
+            cut(a)
+            info = lambda: watcher._call("hello")
+            assert wait_for(lambda: info()["sessions"] == 0 and info()["checkpoint_bytes"] == 0)
+            assert a.reconnect() == {"sessions": [], "checkpoints": []}
+            with pytest.raises(dj.UnknownSessionError):
+                s.activation()
+    finally:
+        srv.close()
+
+
+def test_without_grace_reconnect_finds_nothing(client):
+    s = client.session(model="tiny-gpt2")
+    assert client.reconnect() == {"sessions": [], "checkpoints": []}
+    with pytest.raises(dj.UnknownSessionError):
+        s.info()
+
+
+def test_attach_from_another_process_needs_the_same_token_and_owner_key(tmp_path):
+    """A notebook kernel dies with paused sessions; a new process with the same token takes
+    them over by id. An owner key narrows who may: only a client that knows it."""
+    token = "grace-token-for-tests"
+    token_file = tmp_path / "token"
+    token_file.write_text(token)
+    proc = subprocess.Popen([sys.executable, "-m", "kernel_server", "--model", "tiny-gpt2",
+                             "--port", "0", "--token-file", str(token_file),
+                             "--reconnect-grace-s", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        address = proc.stdout.readline().split()[1]
+        with dj.connect(address, token=token) as watcher:
+            reference = watcher.session().generate(PROMPT, max_new_tokens=8,
+                                                   stop_at_eos=False).tokens
+            script = textwrap.dedent(f"""
+                import djinn_nb as dj, time
+                ids = []
+                for key in (None, "alice-owner-key-0123456789"):
+                    c = dj.connect({address!r}, token={token!r}, owner_key=key)
+                    s = c.session()
+                    s.breakpoint(layer=4, steps=[2])
+                    assert s.generate({PROMPT!r}, max_new_tokens=8, stop_at_eos=False).paused
+                    ids += [s.id, s.checkpoint().wait().id]
+                print(*ids, flush=True)
+                time.sleep(600)
+            """)
+            victim = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                                      text=True)
+            plain_sid, plain_ck, alice_sid, alice_ck = victim.stdout.readline().split()
+            victim.send_signal(signal.SIGKILL)
+            victim.wait(timeout=30)
+            sessions = lambda: watcher._call("hello")["sessions"]
+            assert sessions() == 3                        # kept: the grace period runs
+            with dj.connect(address, token=token, owner_key="bob-owner-key-0123456789") as bob:
+                for sid in (plain_sid, alice_sid):
+                    with pytest.raises(dj.UnknownSessionError):
+                        bob.attach(sid)
+            with dj.connect(address, token=token) as c:
+                with pytest.raises(dj.UnknownSessionError):
+                    c.attach(alice_sid)                   # alice's needs alice's key
+                s = c.attach(plain_sid)
+                assert s.info()["state"] == "paused"
+                assert [ck["id"] for ck in c.checkpoints()] == [plain_ck]
+                assert s.resume().tokens == reference
+                with pytest.raises(dj.UnknownSessionError):
+                    watcher.attach(plain_sid)              # attached: no longer up for grabs
+            with dj.connect(address, token=token, owner_key="alice-owner-key-0123456789") as c:
+                s = c.attach(alice_sid)
+                assert [ck["id"] for ck in c.checkpoints()] == [alice_ck]
+                assert s.resume().tokens == reference
+            assert wait_for(lambda: sessions() == 1)      # only the watcher's remains
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)

@@ -52,13 +52,19 @@ class Dashboard(W.VBox):
                  prompt: str = "The capital of France is", max_new_tokens: int = 16,
                  breakpoint_layers=(), steer_layer: Optional[int] = None, op: str = "scale",
                  scale: float = 1.0, alpha: float = 0.5, vector_seed: int = 0,
-                 background: bool = True):
+                 background: bool = True, server=None):
+        # a Pool (dj.connect([...])): a session on ``server`` (default the first); the
+        # "server" dropdown moves the dashboard to another server of the pool
+        self.pool = session_or_client if isinstance(session_or_client, dj.Pool) else None
+        self._model = model
+        if self.pool is not None:
+            session_or_client = self.pool.client(server)
         if isinstance(session_or_client, dj.Session):
             self.session, self._own_session = session_or_client, False
         elif isinstance(session_or_client, dj.Client):
             self.session, self._own_session = session_or_client.session(model=model), True
         else:
-            raise TypeError("Dashboard needs a djinn_nb Session or Client, got "
+            raise TypeError("Dashboard needs a djinn_nb Session, Client or Pool, got "
                             f"{type(session_or_client).__name__}")
         self.client = self.session.client
         s = self.session
@@ -88,10 +94,13 @@ class Dashboard(W.VBox):
 
         # ---- controls -------------------------------------------------------------------
         wide = W.Layout(width="auto")
-        self.info = W.HTML(
-            f"<b>{html.escape(s.model)}</b> &middot; {L} layers &middot; hidden {s.hidden_size}"
-            f" &middot; {html.escape(s.device)} &middot; {html.escape(s.dtype)}"
-            f" &middot; {html.escape(s.architecture)} &middot; session {html.escape(s.id)}")
+        self.info = W.HTML(self._info_html())
+        self.server_picker = None
+        if self.pool is not None:
+            self.server_picker = W.Dropdown(options=self.pool.addresses, value=self.client.address,
+                                            description="server", layout=W.Layout(width="320px"))
+            self.server_picker.observe(lambda ch: self.switch_server(ch["new"]), names="value")
+        self.memory_view = W.HTML("")     # memory per device of the server (client.stats())
         self.prompt = W.Textarea(value=prompt, description="prompt", rows=2,
                                  layout=W.Layout(width="60%"))
         self.max_new_tokens = W.BoundedIntText(value=max_new_tokens, min=1, max=10**6,
@@ -157,7 +166,7 @@ class Dashboard(W.VBox):
             [W.HTML(f"<b>{title}</b>"), *children],
             layout=W.Layout(border="1px solid #ddd", padding="4px", margin="2px"))
         super().__init__([
-            self.info,
+            W.HBox([self.server_picker, self.info]) if self.server_picker is not None else self.info,
             W.HBox([self.prompt, self.max_new_tokens]),
             W.HBox([box("breakpoints", self.layer_picker, self.bp_phase, self.bp_steps),
                     box("steering", self.steer_layer, self.steer_op, self.scale, self.alpha,
@@ -167,6 +176,7 @@ class Dashboard(W.VBox):
             W.HBox([self.run_baseline_button, self.run_steered_button, self.step_button,
                     self.resume_button, self.stop_button, self.scan_button]),
             W.HBox([self.progress, self.status]),
+            self.memory_view,
             self.message,
             self.token_view,
             self.div_fig,
@@ -174,6 +184,7 @@ class Dashboard(W.VBox):
             box("paused state", self.paused_info, W.HBox([self.norm_fig, self.heat_fig])),
         ], layout=W.Layout(width="100%"))
         self.add_class("djinn-dashboard")
+        self.memory_view.value = _memory_html(self.client.stats().get("devices"))
 
     # ---- public actions (queue work on the worker) ------------------------------------
     def run_baseline(self):
@@ -233,10 +244,19 @@ class Dashboard(W.VBox):
     def busy(self) -> bool:
         return not self._idle.is_set()
 
+    def switch_server(self, server) -> None:
+        """(Given a Pool) move the dashboard to another server of the pool: the sessions it
+        opened on the current one are closed, a new session opens there; results and the
+        checkpoint list start empty."""
+        self._submit("server", lambda: self._do_switch(server))
+
     def close_sessions(self) -> None:
         """Close the sessions the dashboard opened (baseline, forks, and the main session
         when it was opened from a client). The widget stays displayed."""
         self.wait()
+        self._release_sessions()
+
+    def _release_sessions(self) -> None:
         owned = [self._base_session, *self.forks] + ([self.session] if self._own_session else [])
         for sess in owned:
             if sess is not None and not self.client.closed:
@@ -541,7 +561,39 @@ class Dashboard(W.VBox):
                 return e
         return None
 
+    def _do_switch(self, server) -> None:
+        if self.pool is None:
+            raise dj.InvalidArgumentError("this dashboard was not made from a pool (dj.connect([...]))")
+        client = self.pool.client(server)
+        if client is self.client:
+            return
+        session = client.session(model=self._model)      # first: a failure changes nothing
+        self._release_sessions()
+        self.client, self.session, self._own_session = client, session, True
+        self.baseline = self.steered = self.divergence = self.paused = None
+        self._baseline_key = self._session_key = None
+        self.ready, self.checkpoints, self.forks, self.norms = False, [], [], {}
+        L = session.layers
+        self.layer_picker.value = ()
+        self.layer_picker.options = list(range(L))
+        self.steer_layer.options = list(range(L))
+        self.steer_layer.value = L // 2
+        self.info.value = self._info_html()
+        if self.server_picker is not None and self.server_picker.value != client.address:
+            self.server_picker.value = client.address
+        self._refresh_checkpoint_list()
+        self._refresh_results()
+        self._say(f"server {client.address}: session {session.id} on {session.model}")
+
     # ---- views --------------------------------------------------------------------------
+    def _info_html(self) -> str:
+        s = self.session
+        where = s.device if len(s.devices) < 2 else " + ".join(s.devices)
+        return (f"<b>{html.escape(s.model)}</b> &middot; {s.layers} layers &middot; hidden "
+                f"{s.hidden_size} &middot; {html.escape(where)} &middot; {html.escape(s.dtype)}"
+                f" &middot; {html.escape(s.architecture)} &middot; session {html.escape(s.id)}"
+                + (f" &middot; server {html.escape(self.client.address)}" if self.pool else ""))
+
     def _on_steering_change(self, change) -> None:
         if not self.auto.value:
             return
@@ -586,8 +638,10 @@ class Dashboard(W.VBox):
         self._refresh_latency()
 
     def _refresh_latency(self) -> None:
+        stats = self.client.stats()
+        self.memory_view.value = _memory_html(stats.get("devices"))
         _copy_figure(self.lat_fig, plots.latency(
-            self.steered, baseline=self.baseline, rtt_ms=self.client.stats()["rtt_ms"],
+            self.steered, baseline=self.baseline, rtt_ms=stats["rtt_ms"],
             checkpoints=[{k: e[k] for k in ("label", "dispatch_ms", "ready_ms", "restore_ms")}
                          for e in self.checkpoints]))
 
@@ -600,3 +654,23 @@ class Dashboard(W.VBox):
         self.checkpoint_list.options = options
         if select is not None:
             self.checkpoint_list.value = select
+
+
+def _memory_html(devices) -> str:
+    """One line: memory per device of the server (``client.stats()["devices"]``)."""
+    if not devices:
+        return ""
+    gib = lambda n: f"{n / 2**30:.2f}"  # noqa: E731
+    parts = []
+    for d in devices:
+        if d.get("kind") == "cuda":
+            text = (f"{d['device']} {gib(d['allocated_bytes'])} / {gib(d['total_bytes'])} GiB "
+                    f"(reserved {gib(d['reserved_bytes'])})")
+        else:
+            total = d.get("total_bytes")
+            text = f"cpu RSS {gib(d['allocated_bytes'])}" + (f" / {gib(total)}" if total else "") + " GiB"
+        layers = d.get("layers") or {}
+        if layers:
+            text += " [" + ", ".join(f"{m}: {n} layers" for m, n in layers.items()) + "]"
+        parts.append(html.escape(text))
+    return '<span class="dj-memory"><small>memory: ' + " &middot; ".join(parts) + "</small></span>"

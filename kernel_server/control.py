@@ -1,0 +1,220 @@
+"""Server side of the control channel (see ``djinn_nb.control``): one listener per kernel
+server, one thread per control connection. Each connection belongs to the rpyc connection
+(``KernelService``) that asked for it with ``open_control``, runs that service's exposed
+methods through ``service.invoke`` (the same checks and typed errors as over rpyc), and
+lives and dies with it: either one closing closes the other, and the sessions are released
+by the service's one ``on_disconnect``.
+"""
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+
+from djinn_nb import wire
+from djinn_nb.bulk import NONCE_BYTES, recv_exact
+from djinn_nb.control import (ACK, MAX_META, FrameReader, decode_meta, receive_arrays,
+                              send_frame)
+from djinn_nb.errors import DjinnError, InvalidArgumentError, LimitExceededError, ServerError
+
+log = logging.getLogger("kernel_server.control")
+
+HANDSHAKE_TIMEOUT = 10.0
+OFFER_TTL = 60.0                   # seconds an offered nonce stays valid
+MAX_OFFERS_PER_CLIENT = 4
+MAX_REQUEST_PAYLOAD = 2 << 30      # arrays in one request (edit set=..., steering vectors)
+
+
+def _activation(self, session, **args):
+    """``activation`` over the control channel: the array always travels raw in the reply
+    (over rpyc a large one is offered on the one-shot bulk path instead)."""
+    return self._session_call("activation", session, args)
+
+
+_activation.__name__ = "exposed_activation"     # (error messages name the call as rpyc does)
+#: calls whose control-channel body differs from the rpyc one (only in how arrays travel)
+ROUTES = {"activation": _activation}
+
+
+class ControlServer:
+    """The control listener of one kernel server. ``authenticator`` is the rpyc connection's
+    (``kernel_server.auth.TokenAuthenticator``): the same opening on every control socket,
+    TLS first when the server has a certificate, then the token challenge."""
+
+    def __init__(self, host: str, authenticator):
+        self._listener = socket.create_server((host, 0))
+        self.host = host
+        self.port = self._listener.getsockname()[1]
+        self.authenticator = authenticator
+        self._pending: dict[bytes, tuple] = {}          # nonce -> (service, expiry)
+        self._channels: dict[socket.socket, object] = {}  # live socket -> its service
+        self._gone = weakref.WeakSet()                   # services whose rpyc connection closed
+        self._signatures: dict = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept_loop, name="djinn-control-accept", daemon=True).start()
+
+    # ---- offers, called from rpyc ------------------------------------------------------
+    def offer(self, service) -> dict:
+        """A one-time nonce for ``service``'s client to open its control connection with."""
+        nonce = os.urandom(NONCE_BYTES)
+        with self._lock:
+            now = time.monotonic()
+            self._pending = {k: v for k, v in self._pending.items() if v[1] > now}
+            if sum(1 for s, _ in self._pending.values() if s is service) >= MAX_OFFERS_PER_CLIENT:
+                raise LimitExceededError(f"{MAX_OFFERS_PER_CLIENT} control channel offers are "
+                                         "already waiting for this client")
+            self._pending[nonce] = (service, now + OFFER_TTL)
+        return {"port": self.port, "nonce": nonce.hex()}
+
+    def _claim(self, nonce: bytes):
+        with self._lock:
+            for key, (service, expiry) in list(self._pending.items()):
+                if hmac.compare_digest(key, nonce):
+                    del self._pending[key]
+                    if expiry < time.monotonic() or service in self._gone:
+                        return None
+                    return service
+        return None
+
+    def detach(self, service) -> None:
+        """``service``'s rpyc connection closed: forget its offers, close its channels."""
+        with self._lock:
+            self._gone.add(service)
+            self._pending = {k: v for k, v in self._pending.items() if v[0] is not service}
+            socks = [s for s, owner in self._channels.items() if owner is service]
+        for sock in socks:
+            _shutdown(sock)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            socks = list(self._channels)
+        _shutdown(self._listener)
+        self._listener.close()
+        for sock in socks:
+            _shutdown(sock)
+
+    # ---- connections -------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.01)       # (out of file descriptors: do not spin)
+                continue
+            threading.Thread(target=self._connection, args=(conn,), name="djinn-control",
+                             daemon=True).start()
+
+    def _connection(self, conn: socket.socket) -> None:
+        service = None
+        try:
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            conn, _ = self.authenticator(conn)       # TLS and the token challenge, as for rpyc
+            conn.settimeout(HANDSHAKE_TIMEOUT)
+            service = self._claim(bytes(recv_exact(conn, NONCE_BYTES)))
+            if service is None:
+                log.info("control connection refused: unknown or expired nonce")
+                return
+            with self._lock:
+                if self._closed or service in self._gone:
+                    return
+                self._channels[conn] = service
+            conn.sendall(ACK)
+            conn.settimeout(None)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._serve(conn, service)
+        except Exception as exc:   # strangers, cut-offs, wrong tokens: this connection only
+            log.info("control connection ended: %s: %s", type(exc).__name__, exc)
+        finally:
+            with self._lock:
+                owned = self._channels.pop(conn, None) is not None
+                gone = service in self._gone if service is not None else True
+            _shutdown(conn)
+            conn.close()
+            if owned and not gone:
+                # the control socket closing is the client's connection closing: close the rpyc
+                # one too, whose on_disconnect releases the sessions (one place does that)
+                _disconnect(service)
+
+    def _serve(self, conn: socket.socket, service) -> None:
+        reader = FrameReader(conn)
+        while True:
+            try:
+                meta_len, payload = reader.read_header()
+            except EOFError:
+                return
+            if meta_len > MAX_META or payload > MAX_REQUEST_PAYLOAD:
+                self._reply(conn, _error(InvalidArgumentError(
+                    f"control frame too large ({meta_len} + {payload} bytes); closing the channel")))
+                return
+            meta = reader.read(meta_len)
+            try:
+                request = decode_meta(meta)
+                if (not isinstance(request, dict) or type(request.get("call")) is not str
+                        or not isinstance(request.get("args"), dict)):
+                    raise InvalidArgumentError("malformed request: expected {call, args}")
+                specs = wire.array_specs(request["args"])
+                if sum(n for _, _, n in specs) != payload:
+                    raise InvalidArgumentError("malformed request: the arrays do not match "
+                                               "the frame's payload length")
+            except DjinnError as exc:
+                reader.skip(payload)
+                self._reply(conn, _error(exc))
+                continue
+            args = wire.fill_arrays(request["args"], receive_arrays(reader, specs, payload))
+            self._reply(conn, self._dispatch(service, request["call"], args))
+
+    def _dispatch(self, service, name: str, args: dict) -> dict:
+        from .service import invoke
+        fn = ROUTES.get(name)
+        if fn is None and name.isidentifier():
+            fn = getattr(getattr(type(service), "exposed_" + name, None), "__wrapped__", None)
+        if fn is None:
+            return _error(InvalidArgumentError(f"unknown call {name!r}"))
+        signature = self._signatures.get(fn)
+        if signature is None:
+            signature = self._signatures[fn] = inspect.signature(fn)
+        return invoke(fn, service, args, signature)
+
+    @staticmethod
+    def _reply(conn: socket.socket, reply: dict) -> None:
+        try:
+            meta, blobs = wire.pack_views(reply)
+        except DjinnError as exc:                  # a result that cannot be sent
+            meta, blobs = wire.pack_views(_error(exc))
+        except Exception as exc:
+            log.exception("cannot encode a reply")
+            meta, blobs = wire.pack_views(_error(ServerError(f"the reply could not be encoded: "
+                                                             f"{type(exc).__name__}: {exc}")))
+        send_frame(conn, meta.encode(), blobs)
+
+
+def _error(exc: DjinnError) -> dict:
+    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _disconnect(service) -> None:
+    """End ``service``'s rpyc connection as if its client had gone: shutting its socket down
+    wakes rpyc's serving thread, which closes the connection and calls ``on_disconnect``."""
+    conn = getattr(service, "_rpyc_conn", None)
+    try:
+        _shutdown(conn._channel.stream.sock)
+    except Exception:                     # no rpyc connection to end: release here
+        log.info("control channel closed without its rpyc connection; releasing sessions")
+        service.on_disconnect(conn)
+
