@@ -378,7 +378,8 @@ def run(args) -> dict:
                 n = loaded.num_layers
                 split = [devs[0]] * (n // 4) + [devs[-1]] * (n - n // 4)
                 other, secs = build(name, args.dtype,
-                                    sharding.split_map(loaded.model, [d.index for d in split]))
+                                    sharding.split_map(loaded.model, [
+                                        d.index if d.type == "cuda" else d.type for d in split]))
             out = across_maps(ck, loaded, other, base, prompt, args.exact_tokens)
             out["build_s"] = secs
             return out

@@ -12,7 +12,7 @@ from .errors import (AuthenticationFailedError, CheckpointError, TransferError, 
                      LayerOutOfRangeError, LimitExceededError, NotPausedError, ServerError,
                      SessionBusyError, SessionClosedError, StateError, UnknownModelError,
                      UnknownSessionError, UnsupportedModelError)
-from .results import Finished, GenerationResult, Paused, ScoreResult, StepRecord
+from .results import BatchFinished, Finished, GenerationResult, Paused, ScoreResult, StepRecord
 from .client import Client, connect
 from .pool import Pool
 from .session import Session
@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint
 from .divergence import Divergence, divergence
 
 __all__ = [
-    "connect", "divergence", "Divergence", "Client", "Pool", "Session", "Checkpoint", "CheckpointError", "TransferError", "AuthenticationFailedError", "Paused", "Finished", "GenerationResult", "StepRecord", "ScoreResult",
+    "connect", "divergence", "Divergence", "Client", "Pool", "Session", "Checkpoint", "CheckpointError", "TransferError", "AuthenticationFailedError", "Paused", "Finished", "GenerationResult", "StepRecord", "ScoreResult", "BatchFinished",
     "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
     "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",
     "UnknownSessionError", "StateError", "NotPausedError", "SessionBusyError", "SessionClosedError",
@@ -29,9 +29,9 @@ __all__ = [
 
 def __getattr__(name):
     # lazy: `dj.plots` needs plotly and `dj.Dashboard` ipywidgets; `import djinn_nb` stays light
-    if name == "plots":
+    if name in ("plots", "experiments"):
         import importlib
-        return importlib.import_module(".plots", __name__)
+        return importlib.import_module("." + name, __name__)
     if name == "Dashboard":
         from widgets import Dashboard
         return Dashboard

@@ -39,6 +39,7 @@ MAX_META = 64 << 20                   # a frame's JSON part
 MAX_PAYLOAD = 4 << 30                 # a frame's arrays
 ENV = "DJINN_CONTROL"                 # "0": never open a control channel (rpyc only)
 ACK = b"\x01"
+ARRAY_MARK = b'"__ndarray__"'         # in a frame's meta iff it carries arrays (wire's key)
 _IOV_MAX = 512                        # buffers per sendmsg call
 
 
@@ -215,13 +216,15 @@ class ControlChannel:
         meta_len, payload = self._reader.read_header()
         if meta_len > MAX_META or payload > MAX_PAYLOAD:
             raise ProtocolError(f"reply frame too large ({meta_len} + {payload} bytes)")
-        plain = json.loads(self._reader.read(meta_len))
-        arrays = receive_arrays(self._reader, wire.array_specs(plain), payload)
+        meta = self._reader.read(meta_len)
+        reply = json.loads(meta)
+        if payload or ARRAY_MARK in meta:
+            reply = wire.fill_arrays(reply, receive_arrays(self._reader, wire.array_specs(reply),
+                                                           payload))
         self.bytes_received += HEADER.size + meta_len
         self.payload_received += payload
         if self.account is not None:
             self.account(0, HEADER.size + meta_len, payload)
-        reply = wire.fill_arrays(plain, arrays)
         if not isinstance(reply, dict) or not ("ok" in reply or "error" in reply):
             raise ProtocolError("malformed reply on the control channel")
         return reply

@@ -133,7 +133,39 @@ class ScoreResult:
         return out
 
 
+@dataclass(frozen=True)
+class BatchFinished:
+    """A batched generation ended: one ``GenerationResult`` per prompt, in order."""
+    results: list
+    stop_reason: str
+
+    @property
+    def paused(self) -> bool:
+        return False
+
+    @property
+    def finished(self) -> bool:
+        return True
+
+    @property
+    def tokens(self) -> list:
+        return [r.tokens for r in self.results]
+
+    @property
+    def texts(self) -> list:
+        return [r.text for r in self.results]
+
+    def __len__(self) -> int:
+        return len(self.results)
+
+    def __getitem__(self, i) -> GenerationResult:
+        return self.results[i]
+
+
 def event_from_wire(d: dict[str, Any]):
     if d["event"] == "paused":
         return Paused(**{k: v for k, v in d.items() if k != "event"})
+    if "batch" in d["result"]:
+        return BatchFinished([GenerationResult.from_wire(r) for r in d["result"]["batch"]],
+                             d["result"]["stop_reason"])
     return Finished(GenerationResult.from_wire(d["result"]))

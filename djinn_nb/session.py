@@ -76,14 +76,15 @@ class Session:
     def steer(self, layer: Optional[int] = None, *, scale: Optional[float] = None, add=None,
               alpha: float = 1.0, set=None, positions: Positions = "all", phase: str = "both",
               steps: Optional[Sequence[int]] = None, site: str = "resid",
-              head: Optional[int] = None) -> dict:
+              head: Optional[int] = None, rows: Optional[Sequence[int]] = None) -> dict:
         """A standing edit of block ``layer``'s output on every step (no pause):
         ``scale`` (h <- s*h), ``add`` (h <- h + alpha*v, v of shape [hidden]) or ``set``
         (patching: ``set=cached_rows, positions=[...]``). ``site`` as in ``breakpoint``;
         ``site="heads", head=3, scale=0.0`` zero-ablates head 3 (vectors are then
-        [head_dim])."""
+        [head_dim]). ``rows``: in a batched generation, only these prompts (default all)."""
         return self._call("steer", layer=layer, scale=scale, add=add, alpha=alpha, set=set,
                           positions=_positions(positions), phase=phase, site=site, head=head,
+                          rows=None if rows is None else [int(r) for r in np.atleast_1d(rows)],
                           steps=None if steps is None else list(np.atleast_1d(steps).tolist()))
 
     def clear_steering(self, rule_id: Optional[int] = None) -> int:
@@ -97,7 +98,12 @@ class Session:
                  return_logits: bool = False) -> Event:
         """Start generating from ``prompt`` (raw text, token ids, or chat messages; ``chat=True``
         applies the chat template to a text). Runs until a breakpoint pauses it (``Paused``)
-        or it ends (``Finished``). Greedy unless ``temperature > 0`` (seeded sampling)."""
+        or it ends (``Finished``). Greedy unless ``temperature > 0`` (seeded sampling).
+
+        A list of prompts (texts or token-id lists) runs them as one batch, left-padded
+        with attention masks: the result is a ``BatchFinished`` with one result per
+        prompt, each greedy row the same tokens as its prompt alone. Breakpoints pause the
+        whole batch; ``steer(..., rows=[i])`` steers chosen rows."""
         return self._event(self._call(
             "generate", prompt=prompt, max_new_tokens=max_new_tokens, chat=chat,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
@@ -227,10 +233,11 @@ class Session:
         return Session(self.client, self.client._call("fork", checkpoint=ck.id))
 
     # ---- while paused ----------------------------------------------------------------------
-    def activation(self, positions: Positions = "all", reduce: Optional[str] = None) -> np.ndarray:
+    def activation(self, positions: Positions = "all", reduce: Optional[str] = None,
+                   row: Optional[int] = None) -> np.ndarray:
         """The paused layer's output, float32 ``[positions, hidden]`` (with ``reduce="norm"``:
         ``[positions]``; ``"mean"``: ``[hidden]``). Edits made so far are included."""
-        out = self._call("activation", positions=_positions(positions), reduce=reduce)
+        out = self._call("activation", positions=_positions(positions), reduce=reduce, row=row)
         if isinstance(out, dict) and "bulk" in out:       # large: fetched over the bulk path
             out = self.client._fetch_array(out)
         return out

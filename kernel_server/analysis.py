@@ -48,7 +48,7 @@ class ForwardPass:
     def on_site(self, layer: int, site: str, hidden: torch.Tensor):
         new = hidden
         for rule in self.rules:
-            if rule.layer == layer and rule.site == site:
+            if rule.layer == layer and rule.site == site and (rule.rows is None or 0 in rule.rows):
                 new = self._apply_rule(new, rule)
         if (layer, site) in self.capture:
             self.captured[(layer, site)] = self._reduced(new, site)

@@ -4,6 +4,8 @@ and the durable file format (safetensors + JSON metadata + a content hash).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import concurrent.futures
 import hashlib
 import json
@@ -439,7 +441,8 @@ def to_bytes(ck: Checkpoint, loaded: LoadedModel) -> bytes:
     for index, r in enumerate(ck.interventions.rules):
         if r.op.vector is not None:
             tensors[f"rule.{index}.vector"] = r.op.vector.detach().to("cpu").contiguous()
-        rules.append({"id": r.id, "layer": r.layer, "phase": r.phase,
+        rules.append({"id": r.id, "layer": r.layer, "phase": r.phase, "site": r.site,
+                      "head": r.op.head, "rows": None if r.rows is None else list(r.rows),
                       "steps": None if r.steps is None else sorted(r.steps), "kind": r.op.kind,
                       "scale": r.op.scale, "alpha": r.op.alpha,
                       "positions": list(r.op.positions) if isinstance(r.op.positions, tuple)
@@ -536,10 +539,14 @@ def _checked_checkpoint(meta: dict, tensors: dict, loaded: LoadedModel, owner: s
     if not isinstance(records, list) or len(records) != step or not all(
             isinstance(r, dict) and set(r) == _RECORD_KEYS for r in records):
         raise CheckpointError("invalid checkpoint contents: step records")
-    bps = [Breakpoint(V.layer(b["layer"], n_layers), V.choice(b["phase"], "phase", V.PHASES),
-                      V.steps(b["steps"], limits)) for b in meta["breakpoints"]]
+    bps = []
+    for b in meta["breakpoints"]:
+        site, _, _ = V.site(loaded, b["layer"], b.get("site", "resid"))   # files before sites: resid
+        bps.append(Breakpoint(site.layer, V.choice(b["phase"], "phase", V.PHASES),
+                              V.steps(b["steps"], limits), site=site.name))
     rules = []
     for index, r in enumerate(meta["rules"]):
+        site, head, width = V.site(loaded, r["layer"], r.get("site", "resid"), r.get("head"))
         args = {"positions": r["positions"]}
         if r["kind"] == "scale":
             args["scale"] = r["scale"]
@@ -549,11 +556,14 @@ def _checked_checkpoint(meta: dict, tensors: dict, loaded: LoadedModel, owner: s
                 raise CheckpointError(f"invalid checkpoint contents: rule {index} has no vector")
             args[V.choice(r["kind"], "kind", ("add", "set"))] = vec.float().numpy()
             args["alpha"] = r["alpha"]
-        op = V.edit_op(args, loaded.hidden_size, loaded.layer_device(V.layer(r["layer"], n_layers)),
+        op = V.edit_op(args, width, loaded.layer_device(site.layer) if site.layer >= 0 else loaded.device,
                        dtype, standing=True)      # the vector lives where its layer computes
-        rules.append(SteeringRule(V.layer(r["layer"], n_layers), op,
+        if head is not None:
+            op = dataclasses.replace(op, head=head, head_dim=site.head_dim)
+        rules.append(SteeringRule(site.layer, op,
                                   V.choice(r["phase"], "phase", V.PHASES), V.steps(r["steps"], limits),
-                                  V.integer(r["id"], "rule id", 0)))
+                                  V.integer(r["id"], "rule id", 0), site=site.name,
+                                  rows=V.rows(r.get("rows"), limits)))
     kv_len = len(tokens) - 1 if step > 0 else 0
     n_kv = V.integer(meta["kv_layers"], "kv_layers", 0, n_layers)
     if n_kv != (n_layers if kv_len else 0):

@@ -18,16 +18,16 @@ import weakref
 
 from djinn_nb import wire
 from djinn_nb.bulk import NONCE_BYTES, recv_exact
-from djinn_nb.control import (ACK, MAX_META, FrameReader, decode_meta, receive_arrays,
-                              send_frame)
+from djinn_nb.control import (ACK, ARRAY_MARK, MAX_META, FrameReader, decode_meta,
+                              receive_arrays, send_frame)
 from djinn_nb.errors import DjinnError, InvalidArgumentError, LimitExceededError, ServerError
+from .service import invoke
 
 log = logging.getLogger("kernel_server.control")
 
 HANDSHAKE_TIMEOUT = 10.0
 OFFER_TTL = 60.0                   # seconds an offered nonce stays valid
 MAX_OFFERS_PER_CLIENT = 4
-MAX_REQUEST_PAYLOAD = 2 << 30      # arrays in one request (edit set=..., steering vectors)
 
 
 def _activation(self, session, **args):
@@ -44,13 +44,16 @@ ROUTES = {"activation": _activation}
 class ControlServer:
     """The control listener of one kernel server. ``authenticator`` is the rpyc connection's
     (``kernel_server.auth.TokenAuthenticator``): the same opening on every control socket,
-    TLS first when the server has a certificate, then the token challenge."""
+    TLS first when the server has a certificate, then the token challenge.
+    ``max_request_bytes``: a request frame announcing more (``--max-request-mb``) closes its
+    connection before anything is allocated, as an oversized rpyc frame does."""
 
-    def __init__(self, host: str, authenticator):
+    def __init__(self, host: str, authenticator, max_request_bytes: int = 128 << 20):
         self._listener = socket.create_server((host, 0))
         self.host = host
         self.port = self._listener.getsockname()[1]
         self.authenticator = authenticator
+        self.max_request_bytes = max_request_bytes
         self._pending: dict[bytes, tuple] = {}          # nonce -> (service, expiry)
         self._channels: dict[socket.socket, object] = {}  # live socket -> its service
         self._gone = weakref.WeakSet()                   # services whose rpyc connection closed
@@ -151,9 +154,10 @@ class ControlServer:
                 meta_len, payload = reader.read_header()
             except EOFError:
                 return
-            if meta_len > MAX_META or payload > MAX_REQUEST_PAYLOAD:
-                self._reply(conn, _error(InvalidArgumentError(
-                    f"control frame too large ({meta_len} + {payload} bytes); closing the channel")))
+            if meta_len > MAX_META or meta_len + payload > self.max_request_bytes:
+                log.warning("closing a control connection: a request frame of %d bytes is over "
+                            "the request limit of %d bytes (--max-request-mb)",
+                            meta_len + payload, self.max_request_bytes)
                 return
             meta = reader.read(meta_len)
             try:
@@ -161,7 +165,8 @@ class ControlServer:
                 if (not isinstance(request, dict) or type(request.get("call")) is not str
                         or not isinstance(request.get("args"), dict)):
                     raise InvalidArgumentError("malformed request: expected {call, args}")
-                specs = wire.array_specs(request["args"])
+                # (most requests carry no array: skip the walks)
+                specs = wire.array_specs(request["args"]) if payload or ARRAY_MARK in meta else []
                 if sum(n for _, _, n in specs) != payload:
                     raise InvalidArgumentError("malformed request: the arrays do not match "
                                                "the frame's payload length")
@@ -169,11 +174,12 @@ class ControlServer:
                 reader.skip(payload)
                 self._reply(conn, _error(exc))
                 continue
-            args = wire.fill_arrays(request["args"], receive_arrays(reader, specs, payload))
+            args = request["args"]
+            if specs:
+                args = wire.fill_arrays(args, receive_arrays(reader, specs, payload))
             self._reply(conn, self._dispatch(service, request["call"], args))
 
     def _dispatch(self, service, name: str, args: dict) -> dict:
-        from .service import invoke
         fn = ROUTES.get(name)
         if fn is None and name.isidentifier():
             fn = getattr(getattr(type(service), "exposed_" + name, None), "__wrapped__", None)

@@ -19,7 +19,7 @@ import torch
 
 from djinn_nb.errors import DjinnError, LimitExceededError, ServerError
 from . import fast_decode
-from .interventions import EditOp, Interventions, apply_edit
+from .interventions import EditOp, Interventions, apply_edit, apply_rule
 from .models import LoadedModel
 
 _current = threading.local()
@@ -283,7 +283,7 @@ class GenerationRun:
         new = hidden
         for rule in self.interventions.rules:
             if rule.site == site and rule.matches(layer, self.step, self._phase):
-                new = apply_edit(new, rule.op, start)
+                new = apply_rule(new, rule, start)
                 self._fired_rules.append(rule.id)
         if self._should_pause(layer, site):
             self._fired_breaks.append(layer)

@@ -59,6 +59,7 @@ class SteeringRule:
     steps: frozenset | None = None
     id: int = 0
     site: str = "resid"
+    rows: tuple | None = None         # batched generation: only these rows (None: all)
 
     def matches(self, layer: int, step: int, phase: str) -> bool:
         return (layer == self.layer and self.phase in (phase, "both")
@@ -66,6 +67,7 @@ class SteeringRule:
 
     def describe(self) -> dict:
         return {"id": self.id, "layer": None if self.layer < 0 else self.layer, "site": self.site,
+                "rows": None if self.rows is None else list(self.rows),
                 "phase": self.phase,
                 "steps": None if self.steps is None else sorted(self.steps), **self.op.describe()}
 
@@ -83,6 +85,18 @@ class Interventions:
         """(layer, site) of every breakpoint and rule not on the residual stream."""
         return frozenset((x.layer, x.site) for x in [*self.breakpoints, *self.rules]
                          if x.site != "resid")
+
+
+def apply_rule(hidden: torch.Tensor, rule: SteeringRule, start: int) -> torch.Tensor:
+    """``apply_edit`` of a rule's op on the rows (batch entries) the rule names."""
+    if rule.rows is None:
+        return apply_edit(hidden, rule.op, start)
+    index = [r for r in rule.rows if r < hidden.shape[0]]
+    if not index:
+        return hidden
+    out = hidden.clone()
+    out[index] = apply_edit(hidden[index], rule.op, start)
+    return out
 
 
 def select_rows(positions: Positions, start: int, length: int) -> tuple[list[int], list[int]] | None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 import threading
 import zlib
 
@@ -67,7 +68,6 @@ class Kernel:
         self.owners = Owners(self.sessions, self.checkpoints, self.limits.reconnect_grace_s)
         self.bulk_host = "127.0.0.1"   # where one-shot bulk listeners bind (the server's host)
         self.bulk_tls = None           # the server's TLS context: bulk transfers use it too
-        self.control = None            # the ControlServer, once a KernelServer listens
 
     def info(self) -> dict:
         return {"version": __version__, "default_model": self.models.default,
@@ -88,9 +88,18 @@ REQUEST_SLACK = 1 << 20
 
 
 class _Stream(SocketStream):
-    """rpyc's socket stream, aware that a TLS socket may hold decrypted bytes that a poll
-    of the file descriptor does not see."""
+    """rpyc's socket stream, aware of TLS: a TLS socket may hold decrypted bytes that a poll
+    of the file descriptor does not see, and once another thread shuts a TLS socket down
+    (kernel_server.control does, to end a connection), reading it would return raw TLS
+    records: that is the end of the stream."""
     __slots__ = ()
+
+    def read(self, count):
+        data = super().read(count)
+        if isinstance(self.sock, ssl.SSLSocket) and self.sock.version() is None:
+            self.close()
+            raise EOFError("the TLS connection was shut down")
+        return data
 
     def poll(self, timeout):
         pending = getattr(self.sock, "pending", None)
@@ -168,8 +177,9 @@ class KernelServer:
         limit = int(kernel.limits.max_request_mb * 2**20) + REQUEST_SLACK
         authenticator = TokenAuthenticator(token, tls)
         # the control channel (kernel_server.control): same host, same opening (TLS, token)
-        self.control = kernel.control = ControlServer(host, authenticator)
-        self._server = _ThreadedServer(classpartial(KernelService, kernel), hostname=host, port=port,
+        self.control = ControlServer(host, authenticator, limit)
+        self._server = _ThreadedServer(classpartial(KernelService, kernel, self.control),
+                                       hostname=host, port=port,
                                        protocol_config=PROTOCOL_CONFIG, reuse_addr=True,
                                        authenticator=authenticator,
                                        logger=logging.getLogger("kernel_server.rpyc"),

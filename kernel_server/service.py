@@ -77,8 +77,9 @@ def remote(fn):
 class KernelService(rpyc.Service):
     """One instance per connection; ``kernel`` (the models and sessions) is shared."""
 
-    def __init__(self, kernel):
+    def __init__(self, kernel, control=None):
         self.kernel = kernel
+        self.control = control            # the server's ControlServer (kernel_server.control)
         self.owner = uuid.uuid4().hex
         self._uploads: dict[str, BulkTransfer] = {}
 
@@ -90,8 +91,8 @@ class KernelService(rpyc.Service):
         log.info("client %s connected", self.owner[:8])
 
     def on_disconnect(self, conn):
-        if getattr(self.kernel, "control", None) is not None:
-            self.kernel.control.detach(self)      # its control channel closes with it
+        if self.control is not None:
+            self.control.detach(self)             # its control channel closes with it
         n = self.kernel.owners.disconnected(self.owner)   # released now, or kept for the grace
         if n is None:
             log.info("client %s disconnected; its sessions are kept for %g s (--reconnect-grace-s)",
@@ -141,9 +142,9 @@ class KernelService(rpyc.Service):
     @remote
     def exposed_open_control(self):
         """Offer a control channel (``djinn_nb.control``): its port and a one-time nonce."""
-        if getattr(self.kernel, "control", None) is None:
+        if self.control is None:
             raise InvalidArgumentError("this server offers no control channel")
-        return self.kernel.control.offer(self)
+        return self.control.offer(self)
 
     @remote
     def exposed_open_session(self, model=None):

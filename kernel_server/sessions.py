@@ -91,9 +91,18 @@ class Session:
                 stop_at_eos=V.boolean(stop_at_eos, "stop_at_eos"),
                 record_top_k=V.integer(record_top_k, "record_top_k", 1, 100),
                 return_logits=V.boolean(return_logits, "return_logits"))
-            ids = V.prompt_ids(prompt, self.loaded.tokenizer, V.boolean(chat, "chat"), lim,
-                               self.loaded.vocab_size)
-            self.run = GenerationRun(self.loaded, GenState.fresh(ids, config), self.interventions)
+            chat = V.boolean(chat, "chat")
+            if V.is_batch(prompt):
+                from .batch import BatchRun
+                if len(prompt) > lim.max_batch:
+                    raise LimitExceededError(f"a batch of {len(prompt)} prompts is over the server "
+                                             f"limit {lim.max_batch}")
+                rows = [V.prompt_ids(p, self.loaded.tokenizer, chat, lim, self.loaded.vocab_size)
+                        for p in prompt]
+                self.run = BatchRun(self.loaded, rows, config, self.interventions)
+            else:
+                ids = V.prompt_ids(prompt, self.loaded.tokenizer, chat, lim, self.loaded.vocab_size)
+                self.run = GenerationRun(self.loaded, GenState.fresh(ids, config), self.interventions)
             self.run.pause_timeout = lim.pause_timeout_s
             self.state = RUNNING
             return self._after(self.run.start())
@@ -166,6 +175,10 @@ class Session:
             if self.state == PAUSED:
                 self.run.command("abort")
             self.interventions = copy_interventions(ck.interventions)
+            from .generation import _current
+            for x in [*self.interventions.breakpoints, *self.interventions.rules]:
+                if x.site != "resid":     # a file from another server: hook its sites here
+                    sites.install(self.loaded, sites.resolve(self.loaded, x.layer, x.site), _current)
             # new rules must not reuse the ids of the restored ones
             self._rule_ids = itertools.count(max((r.id for r in self.interventions.rules), default=0) + 1)
             self.run = GenerationRun(self.loaded, ck.state, self.interventions, cache=cache)
@@ -299,10 +312,10 @@ class Session:
                                       positions, answer, head)
 
     # ---- while paused -----------------------------------------------------------------
-    def _paused_rows(self, positions) -> torch.Tensor:
+    def _paused_rows(self, positions, row: int = 0) -> torch.Tensor:
         point = self.run.pause
         pos = V.positions(positions)
-        h = point.hidden[0]
+        h = point.hidden[row]
         if pos == "last":
             return h[-1:]
         if isinstance(pos, tuple):
@@ -310,12 +323,17 @@ class Session:
             return h[torch.tensor([p - point.start for p in pos], device=h.device)]
         return h
 
-    def activation(self, positions="all", reduce=None) -> np.ndarray:
+    def activation(self, positions="all", reduce=None, row=None) -> np.ndarray:
+        """The paused tensor, [positions, width]; a batch pause gives [rows, positions,
+        width] (padded coordinates) unless ``row`` picks one."""
         with self._lock:
             self._require(PAUSED)
             if reduce is not None:
                 V.choice(reduce, "reduce", ("norm", "mean"))
-            h = self._paused_rows(positions)
+            batch = int(self.run.pause.hidden.shape[0])
+            if batch > 1 and row is None:
+                return np.stack([self.activation(positions, reduce, b) for b in range(batch)])
+            h = self._paused_rows(positions, 0 if row is None else V.integer(row, "row", 0, batch - 1))
             if self.run.pause.site == "heads":          # [positions, heads, head_dim]
                 h = h.reshape(h.shape[0], *sites.head_geometry(self.loaded))
             with torch.inference_mode():
@@ -400,7 +418,8 @@ class Session:
             self._refresh()
             return before - len(self.interventions.breakpoints)
 
-    def steer(self, layer, phase="both", steps=None, site="resid", head=None, **args) -> dict:
+    def steer(self, layer, phase="both", steps=None, site="resid", head=None, rows=None,
+              **args) -> dict:
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
             resolved, head, width, device = self._site(layer, site, head)
@@ -411,7 +430,10 @@ class Session:
             rule = SteeringRule(
                 layer=resolved.layer, op=op,
                 phase=V.choice(phase, "phase", V.PHASES), steps=V.steps(steps, self.limits),
-                id=next(self._rule_ids), site=resolved.name)
+                id=next(self._rule_ids), site=resolved.name, rows=V.rows(rows, self.limits))
+            if self.state == PAUSED and hasattr(self.run, "row_tokens"):
+                from .batch import check_rules
+                check_rules(Interventions(rules=[rule]))
             self.interventions.rules.append(rule)
             self._refresh()
             return rule.describe()

@@ -34,6 +34,7 @@ class Limits:
     max_request_mb: float = 128.0
     reconnect_grace_s: float = 0.0         # keep a disconnected client's sessions this long
     max_models: int = 4                    # models loaded at once, the default one included
+    max_batch: int = 64                    # prompts in one batched generate()
 
 
 def integer(value: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -276,3 +277,25 @@ def site(loaded, layer_value: Any, name: Any, head: Any = None, writable: bool =
         head = integer(head, "head", 0, resolved.heads - 1)
         width = resolved.head_dim
     return resolved, head, width
+
+
+def is_batch(prompt: Any) -> bool:
+    """A list of prompts (texts, token-id lists or chat-message lists), not one prompt."""
+    return (isinstance(prompt, list) and bool(prompt)
+            and all(isinstance(p, str) or (isinstance(p, list) and p and not isinstance(p[0], int)
+                                           and all(isinstance(m, dict) for m in p))
+                    or (isinstance(p, list) and p and all(type(t) is int for t in p))
+                    for p in prompt)
+            and not all(type(t) is int for t in prompt))
+
+
+def rows(value: Any, limits: Limits) -> tuple | None:
+    """Batch rows a steering rule acts on (None: every row)."""
+    if value is None:
+        return None
+    if isinstance(value, int) and type(value) is not bool:
+        value = [value]
+    if not isinstance(value, list) or not value or len(value) > limits.max_batch:
+        raise InvalidArgumentError(f"rows must be None, an int or a list of row indices, got {value!r:.80}")
+    out = tuple(sorted({integer(v, "row", 0, limits.max_batch - 1) for v in value}))
+    return out

@@ -273,6 +273,21 @@ def test_report_rerenders_from_the_record_alone(ci_run, tmp_path):
         djx.report(tmp_path / "nothing-here")
 
 
+def test_add_op_with_a_steering_vector(server):
+    """An `add` op: a vector from contrastive prompts at the (clipped) steering layer."""
+    cfg = small_config(seeds=[0], breakpoints=None, checkpoints=None, steering={
+        "layer": 20, "ops": [{"op": "add", "alpha": 4.0, "label": "love - hate",
+                              "vector": {"positive": ["I love this"], "negative": ["I hate this"]}}]})
+    rec = djx.run(cfg, server=server.address, progress=False)
+    (m,) = rec.data["models"]
+    assert m["layers"]["steering_requested"] == 20 and m["layers"]["steering"] == 7
+    (var,) = m["metrics"]["steering"]["variants"]
+    assert (var["op"], var["value"], var["label"], var["in_ops"]) == ("add", 4.0, "love - hate", True)
+    assert var["metrics"]["tf_kl"]["min"] > 0 and var["metrics"]["rel_logit_change"]["min"] > 0
+    assert "resume" not in m["metrics"] and "checkpoint" not in m["metrics"]
+    assert [r["group"] for r in rec.headline()][0] == "steering: love - hate @ layer 7"
+
+
 def test_unknown_model_fails_with_the_servers_error(server):
     with pytest.raises(dj.UnknownModelError, match="no-such-model-xyz"):
         djx.run(small_config(models=["no-such-model-xyz"]), server=server.address, progress=False)

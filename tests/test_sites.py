@@ -219,3 +219,30 @@ def test_patching(client):
     fig = dj.plots.patching_heatmap(res)
     assert fig.data[0].z.shape == (s.layers, len(clean))
     s.close()
+
+
+def test_site_rules_survive_a_checkpoint_file(client, server, tmp_path):
+    """A heads-ablation rule and an mlp breakpoint travel in a saved checkpoint and act the
+    same after loading it on a fresh connection."""
+    s = client.session(model="tiny-gpt2")
+    s.steer(3, site="heads", head=1, scale=0.0)
+    s.steer(5, site="mlp", scale=0.5)
+    s.breakpoint(2, site="attn", phase="decode", steps=[3])
+    ev = s.generate(PROMPT, 6, stop_at_eos=False)
+    assert ev.paused and ev.site == "attn" and ev.step == 3
+    ck = s.checkpoint()
+    want = s.resume()
+    assert want.finished
+    path = ck.save(tmp_path / "sites.djckpt")
+    other = dj.connect(server.address)
+    try:
+        s2 = other.load_checkpoint(path).session
+        info = s2.info()
+        assert {(r["site"], r.get("head")) for r in info["steering"]} == {("heads", 1), ("mlp", None)}
+        assert info["breakpoints"][0]["site"] == "attn"
+        again = s2.resume()          # the restored breakpoint pauses at the same place
+        assert again.paused and (again.site, again.layer, again.step) == ("attn", 2, 3)
+        assert s2.resume().tokens == want.tokens
+    finally:
+        other.close()
+    s.close()

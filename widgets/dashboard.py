@@ -574,10 +574,14 @@ class Dashboard(W.VBox):
         self._baseline_key = self._session_key = None
         self.ready, self.checkpoints, self.forks, self.norms = False, [], [], {}
         L = session.layers
-        self.layer_picker.value = ()
-        self.layer_picker.options = list(range(L))
-        self.steer_layer.options = list(range(L))
-        self.steer_layer.value = L // 2
+        auto, self.auto.value = self.auto.value, False   # new options: no steered re-run
+        try:
+            self.layer_picker.value = ()
+            self.layer_picker.options = list(range(L))
+            self.steer_layer.options = list(range(L))
+            self.steer_layer.value = L // 2
+        finally:
+            self.auto.value = auto
         self.info.value = self._info_html()
         if self.server_picker is not None and self.server_picker.value != client.address:
             self.server_picker.value = client.address

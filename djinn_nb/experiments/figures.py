@@ -155,7 +155,9 @@ def plotly_figures(data: dict) -> dict:
         for i, s in enumerate(st["series"]):
             fig.add_trace(go.Scatter(x=s["x"], y=s["y"], name=s["label"], mode="lines+markers",
                                      line=dict(color=COLOURS[(i // 2) % len(COLOURS)],
-                                               dash="dash" if s["dash"] else "solid")))
+                                               dash="dash" if s["dash"] else "solid"),
+                                     marker=dict(symbol="circle-open" if s["dash"] else "circle",
+                                                 size=9 if s["dash"] else 6)))
         fig.update_layout(xaxis_title="step", yaxis_title="KL (nats), median over runs")
         figs["steering_steps"] = _layout(fig, "per-step KL of the headline steering ops")
     la = latency_data(data)
@@ -220,8 +222,10 @@ def matplotlib_figures(data: dict) -> dict:
         fig = Figure(figsize=(8, 4), layout="constrained")
         ax = fig.subplots()
         for i, s in enumerate(st["series"]):
-            ax.plot(s["x"], s["y"], marker="o", linestyle="--" if s["dash"] else "-",
-                    color=COLOURS[(i // 2) % len(COLOURS)], label=s["label"])
+            c = COLOURS[(i // 2) % len(COLOURS)]
+            ax.plot(s["x"], s["y"], marker="o", linestyle="--" if s["dash"] else "-", color=c,
+                    markersize=9 if s["dash"] else 5, markerfacecolor="none" if s["dash"] else c,
+                    label=s["label"])
         ax.set_xlabel("step")
         ax.set_ylabel("KL (nats), median over runs")
         ax.set_title("per-step KL of the headline steering ops", fontsize=11)
