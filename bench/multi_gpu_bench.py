@@ -324,6 +324,19 @@ def checkpoint_bandwidth(loaded, store, ctx: int, reps: int) -> dict:
             "devices": devices}
 
 
+def _recorded_args(argv: list) -> list:
+    """The command line without --results-dir (where the file went, not what ran)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--results-dir":
+            skip = True
+        elif not arg.startswith("--results-dir="):
+            out.append(arg)
+    return out
+
+
 def memory(loaded) -> list:
     return sharding.device_memory([loaded])
 
@@ -331,7 +344,7 @@ def memory(loaded) -> list:
 def run(args) -> dict:
     name = f"random:{args.shape}"
     result: dict = {"benchmark": "multi_gpu", "model": name, "dtype": args.dtype,
-                    "command": " ".join(["bench/multi_gpu_bench.py", *sys.argv[1:]]),
+                    "command": " ".join(["bench/multi_gpu_bench.py", *_recorded_args(sys.argv[1:])]),
                     "env": environment("cuda" if torch.cuda.is_available() else "cpu"),
                     "errors": {}}
     if torch.cuda.is_available():

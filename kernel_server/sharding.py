@@ -328,7 +328,7 @@ def _load(name, dtype, device, device_map, max_memory):
         return build_random(name, dtype, device, device_map, max_memory)
     if device_map is None:
         raise InvalidArgumentError("no device map given")
-    if name in ("tiny-gpt2",):             # built in memory on the CPU: dispatch it from there
+    if name in ("tiny-gpt2", "gpt2-124m-random"):   # built in memory on the CPU: dispatch it
         tok, model = _load_tokenizer_and_model(name, dtype)
         return tok, dispatch(model, plan(model, device_map, max_memory, dtype))
     tok, model = _load_tokenizer_and_model(name, dtype, device_map=device_map, max_memory=max_memory)

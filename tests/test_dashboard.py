@@ -231,3 +231,36 @@ def test_import_stays_light_and_names_resolve_lazily():
             "print(light, 'ipywidgets' in sys.modules, D.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True", "widgets.dashboard"]
+
+
+def test_site_pickers_and_logit_lens_in_the_paused_panel(client, dash):
+    dash.layer_picker.value = (7,)
+    dash.bp_site.value = "attn"
+    dash.bp_steps.value = "2"
+    dash.run_steered_button.click()
+    dash.wait()
+    assert dash.last_error is None, dash.message.value
+    assert dash.paused is not None and dash.paused.site == "attn" and dash.paused.layer == 7
+    assert "(attn)" in dash.paused_info.value and "logit lens" in dash.lens_view.value
+    # the lens of the last block's output is the model's own next-token distribution
+    dash.bp_site.value = "resid"
+    dash.run_steered_button.click()
+    dash.wait()
+    top = dash.session.logit_lens(k=1)["top_tokens"][0][0]
+    dash.resume_button.click()
+    dash.wait()
+    assert dash.steered.steps[2].text == top
+    # a head pause shows norms (per position) and no lens
+    dash.bp_site.value = "heads"
+    dash.run_steered_button.click()
+    dash.wait()
+    assert dash.paused.site == "heads" and dash.norm_fig.data[0].y[0] > 0
+    assert "reads the residual stream" in dash.lens_view.value
+    dash.resume_button.click()
+    dash.wait()
+    # steering at the mlp site with scale 1.0 changes nothing
+    dash.layer_picker.value = ()
+    dash.steer_site.value = "mlp"
+    dash.wait()
+    assert dash.last_error is None, dash.message.value
+    assert dash.steered.tokens == reference(client).tokens

@@ -370,23 +370,26 @@ def _llama_split(first: int, n: int = 8) -> dict:
             "model.norm": 1, "model.rotary_emb": 1, "lm_head": 1}
 
 
+@pytest.fixture(scope="module")
+def gpu_servers():
+    """random:small-llama (8 layers, float32) on three servers: layers split 4/4 and 1/7
+    over cuda:0 and cuda:1 (device maps), and on cuda:0 alone (no map)."""
+    from kernel_server.server import Kernel, KernelServer
+    maps = {"half": _llama_split(4), "skewed": _llama_split(1)}
+    servers = {k: KernelServer(Kernel("random:small-llama", device_map=m), "127.0.0.1", 0).start()
+               for k, m in maps.items()}
+    servers["single"] = KernelServer(Kernel("random:small-llama", device="cuda:0"),
+                                     "127.0.0.1", 0).start()
+    for srv in servers.values():
+        srv.kernel.checkpoints.prepare(srv.kernel.models.get().devices)
+    yield servers
+    for srv in servers.values():
+        srv.close()
+
+
 @two_gpus
 class TestTwoGPUs:
     """A random-init Llama (8 layers) over cuda:0 and cuda:1, through a real server."""
-
-    @pytest.fixture(scope="class")
-    def gpu_servers(self):
-        from kernel_server.server import Kernel, KernelServer
-        maps = {"half": _llama_split(4), "skewed": _llama_split(1)}
-        servers = {k: KernelServer(Kernel("random:small-llama", device_map=m), "127.0.0.1", 0).start()
-                   for k, m in maps.items()}
-        servers["single"] = KernelServer(Kernel("random:small-llama", device="cuda:0"),
-                                         "127.0.0.1", 0).start()
-        for srv in servers.values():
-            srv.kernel.checkpoints.prepare(srv.kernel.models.get().devices)
-        yield servers
-        for srv in servers.values():
-            srv.close()
 
     def test_exact_on_layers_of_both_gpus(self, gpu_servers):
         srv = gpu_servers["half"]
@@ -451,7 +454,11 @@ class TestTwoGPUs:
                 assert ev.paused and ev.layer == 5
                 cont = s2.resume()
                 assert cont.tokens == base.tokens, other
-                assert np.array_equal(cont.result.logits, base.logits), other
+                if other == "skewed":       # another map, the same eager kernels: bit for bit
+                    assert np.array_equal(cont.result.logits, base.logits)
+                else:   # one GPU, no map: CUDA-graph fast decode on a static cache (models on a
+                    # device map decode eagerly), other kernels: equal to float32 rounding
+                    assert np.allclose(cont.result.logits, base.logits, rtol=1e-4, atol=1e-4)
 
     def test_auto_map_spreads_layers(self):
         from kernel_server.models import load_model

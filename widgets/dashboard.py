@@ -26,6 +26,10 @@ import djinn_nb as dj
 from djinn_nb import plots
 
 
+#: sites the pickers offer (see kernel_server.sites; module paths through the API)
+SITES = ("resid", "attn", "mlp", "heads")
+
+
 def _copy_figure(target: go.FigureWidget, source: go.Figure) -> None:
     """Copy the data of ``source``'s traces into ``target``'s (same traces, same order)."""
     with target.batch_update():
@@ -108,6 +112,8 @@ class Dashboard(W.VBox):
         self.layer_picker = W.SelectMultiple(options=list(range(L)), value=tuple(breakpoint_layers),
                                              rows=min(L, 6), description="break at",
                                              layout=W.Layout(width="180px"))
+        self.bp_site = W.Dropdown(options=list(SITES), value="resid", description="site",
+                                  tooltip="where in the block to pause", layout=W.Layout(width="180px"))
         self.bp_phase = W.Dropdown(options=["decode", "prefill", "both"], value="decode",
                                    description="phase", layout=W.Layout(width="180px"))
         self.bp_steps = W.Text(value="", placeholder="all, or e.g. 3,5", description="steps",
@@ -115,6 +121,8 @@ class Dashboard(W.VBox):
         self.steer_layer = W.Dropdown(options=list(range(L)),
                                       value=L // 2 if steer_layer is None else steer_layer,
                                       description="steer layer", layout=W.Layout(width="180px"))
+        self.steer_site = W.Dropdown(options=list(SITES), value="resid", description="steer site",
+                                     layout=W.Layout(width="180px"))
         self.steer_op = W.ToggleButtons(options=["scale", "add"], value=op, description="op",
                                         tooltips=["h <- scale * h",
                                                   "h <- h + alpha * v (v: seeded random unit vector)"],
@@ -151,6 +159,7 @@ class Dashboard(W.VBox):
         self.message = W.HTML("")
         self.token_view = W.HTML(plots.token_table())
         self.paused_info = W.HTML("<i>not paused: pick breakpoint layers and Run steered</i>")
+        self.lens_view = W.HTML("")       # logit lens of the paused hidden state
 
         self.div_fig = go.FigureWidget(plots.divergence())
         self.lat_fig = go.FigureWidget(plots.latency())
@@ -159,7 +168,8 @@ class Dashboard(W.VBox):
         for f in (self.norm_fig, self.heat_fig):
             f.update_layout(width=520)
 
-        for w in (self.scale, self.alpha, self.steer_op, self.steer_layer, self.vector_seed):
+        for w in (self.scale, self.alpha, self.steer_op, self.steer_layer, self.steer_site,
+                  self.vector_seed):
             w.observe(self._on_steering_change, names="value")
 
         box = lambda title, *children: W.VBox(  # noqa: E731
@@ -168,8 +178,8 @@ class Dashboard(W.VBox):
         super().__init__([
             W.HBox([self.server_picker, self.info]) if self.server_picker is not None else self.info,
             W.HBox([self.prompt, self.max_new_tokens]),
-            W.HBox([box("breakpoints", self.layer_picker, self.bp_phase, self.bp_steps),
-                    box("steering", self.steer_layer, self.steer_op, self.scale, self.alpha,
+            W.HBox([box("breakpoints", self.layer_picker, self.bp_site, self.bp_phase, self.bp_steps),
+                    box("steering", self.steer_layer, self.steer_site, self.steer_op, self.scale, self.alpha,
                         self.vector_seed, self.auto),
                     box("checkpoints", self.checkpoint_list,
                         W.HBox([self.take_button, self.restore_button, self.fork_button]))]),
@@ -181,7 +191,8 @@ class Dashboard(W.VBox):
             self.token_view,
             self.div_fig,
             self.lat_fig,
-            box("paused state", self.paused_info, W.HBox([self.norm_fig, self.heat_fig])),
+            box("paused state", self.paused_info, self.lens_view,
+                W.HBox([self.norm_fig, self.heat_fig])),
         ], layout=W.Layout(width="100%"))
         self.add_class("djinn-dashboard")
         self.memory_view.value = _memory_html(self.client.stats().get("devices"))
@@ -328,17 +339,20 @@ class Dashboard(W.VBox):
         return v / np.linalg.norm(v)
 
     def _rule_text(self) -> str:
+        where = f"layer {self.steer_layer.value}" + (
+            "" if self.steer_site.value == "resid" else f" ({self.steer_site.value})")
         if self.steer_op.value == "scale":
-            return f"scale {self.scale.value:.2f} at layer {self.steer_layer.value}"
-        return (f"add {self.alpha.value:.2f} * v(seed {self.vector_seed.value}) "
-                f"at layer {self.steer_layer.value}")
+            return f"scale {self.scale.value:.2f} at {where}"
+        return f"add {self.alpha.value:.2f} * v(seed {self.vector_seed.value}) at {where}"
 
     def _apply_steering(self, sess) -> None:
         sess.clear_steering()
+        site = self.steer_site.value
         if self.steer_op.value == "scale":
-            sess.steer(self.steer_layer.value, scale=float(self.scale.value))
+            sess.steer(self.steer_layer.value, scale=float(self.scale.value), site=site)
         else:
-            sess.steer(self.steer_layer.value, add=self._vector(), alpha=float(self.alpha.value))
+            sess.steer(self.steer_layer.value, add=self._vector(), alpha=float(self.alpha.value),
+                       site=site)
 
     def _steps(self):
         text = self.bp_steps.value.strip()
@@ -439,7 +453,8 @@ class Dashboard(W.VBox):
             if layers:
                 steps = self._steps()
                 for layer in layers:
-                    s.breakpoint(layer, phase=self.bp_phase.value, steps=steps)
+                    s.breakpoint(layer, phase=self.bp_phase.value, steps=steps,
+                                 site=self.bp_site.value)
             else:
                 s.breakpoint(s.layers - 1, phase="decode")
             self.norms = {}
@@ -610,11 +625,16 @@ class Dashboard(W.VBox):
     def _show_pause(self, sess, ev) -> None:
         self.paused = ev
         norms = np.atleast_1d(sess.activation(reduce="norm"))
+        if norms.ndim == 2:              # heads: [positions, heads] -> the whole row's norm
+            norms = np.linalg.norm(norms, axis=-1)
         self.norms[(ev.layer, ev.step)] = float(norms[-1])
         self.progress.value = ev.step
+        where = "" if ev.site == "resid" else f" ({html.escape(ev.site)})"
         self.paused_info.value = (
-            f"<b>paused</b> after block {ev.layer} on step {ev.step} ({html.escape(ev.phase)}), "
+            f"<b>paused</b> after block {ev.layer}{where} on step {ev.step} ({html.escape(ev.phase)}), "
             f"positions {ev.start}..{ev.position}; last-position norm {norms[-1]:.4g}")
+        self.lens_view.value = _lens_html(sess.logit_lens(k=5)) if ev.site in ("resid", "attn", "mlp") \
+            else "<i>logit lens: reads the residual stream (sites resid, attn, mlp)</i>"
         _copy_figure(self.norm_fig, plots.activation_norms(norms, start=ev.start, layer=ev.layer,
                                                            step=ev.step))
         _copy_figure(self.heat_fig, plots.layer_heatmap(self.norms, layers=sess.layers,
@@ -678,3 +698,11 @@ def _memory_html(devices) -> str:
             text += " [" + ", ".join(f"{m}: {n} layers" for m, n in layers.items()) + "]"
         parts.append(html.escape(text))
     return '<span class="dj-memory"><small>memory: ' + " &middot; ".join(parts) + "</small></span>"
+
+
+def _lens_html(lens: dict) -> str:
+    """The paused state's logit lens as one line of top-5 tokens with probabilities."""
+    cells = "".join(f"<td style='padding:0 8px'><code>{html.escape(repr(t))}</code> {p:.3f}</td>"
+                    for t, p in zip(lens["top_tokens"][0], lens["top_probs"][0]))
+    return (f"<table><tr><td><b>logit lens</b> (position {lens['positions'][0]}):</td>"
+            f"{cells}</tr></table>")
