@@ -16,7 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, median_ms, random_llama, sync, write_result  # noqa: E402
+from common import (RESULTS, command_line, environment, median_ms, pyplot, random_llama,  # noqa: E402
+                    save_plot, smoke_dir, sync, write_result)
 from kernel_server.checkpoints import CheckpointStore, cache_from_host  # noqa: E402
 from kernel_server.sessions import Session  # noqa: E402
 from kernel_server.validation import Limits  # noqa: E402
@@ -112,10 +113,10 @@ def run(args) -> dict:
         s.close()
     return {"benchmark": "checkpoint", "model": loaded.name, "dtype": args.dtype,
             "env": environment(args.device), "reps": args.reps, "rows": rows,
-            "command": " ".join(sys.argv)}
+            "command": command_line()}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--shape", default="llama-1b")
@@ -123,16 +124,52 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", type=int, nargs="+", default=[128, 1024, 4096])
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--pinned-pool-mb", type=int, default=512, help="as the server option (0: none)")
-    p.add_argument("--out", default=None, help="result name (default checkpoint_<device>)")
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    p.add_argument("--name", default=None, help="result name (default checkpoint_<device>)")
     p.add_argument("--smoke", action="store_true", help="tiny model, CPU, 2 reps, no result file")
     args = p.parse_args(argv)
     if args.smoke:
         args.device, args.shape, args.dtype, args.contexts, args.reps = "cpu", "tiny-llama", "float32", [16, 64], 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     with torch.inference_mode():
         result = run(args)
-    if not args.smoke:
-        print("wrote", write_result(args.out or f"checkpoint_{torch.device(args.device).type}", result))
+    name = args.name or f"checkpoint_{torch.device(args.device).type}"
+    out_dir = smoke_dir() if args.smoke else Path(args.out)
+    print("wrote", write_result(name, result, out_dir), plot(result, name, out_dir))
     return 0
+
+
+def plot(d: dict, name: str, out_dir: Path) -> Path:
+    plt = pyplot()
+    rows = d["rows"]
+    ctx = [r["context"] for r in rows]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in [("dispatch_ms_median", "checkpoint() dispatch"), ("copy_ms_median", "copy"),
+                       ("baseline_pinned_d2h_ms", "pinned D2H baseline"),
+                       ("restore_ms_median", "restore"), ("baseline_pinned_h2d_ms", "pinned H2D baseline")]:
+        ax[0].plot(ctx, [r[key] for r in rows], "o-", label=label)
+    ax[0].set_xscale("log", base=2)
+    ax[0].set_yscale("log")
+    ax[0].set_xlabel("context tokens")
+    ax[0].set_ylabel("ms")
+    ax[0].legend(fontsize=8)
+    width = 0.35
+    xs = range(len(rows))
+    ax[1].bar([x - width / 2 for x in xs], [r["restore_continue_ms"] for r in rows], width,
+              label="restore + continue")
+    ax[1].bar([x + width / 2 for x in xs], [r["recompute_prefix_ms"] for r in rows], width,
+              label="recompute prefix + token")
+    ax[1].set_xticks(list(xs), [str(c) for c in ctx])
+    ax[1].set_xlabel("context tokens")
+    ax[1].set_ylabel("ms")
+    ax[1].legend(fontsize=8)
+    fig.suptitle(f"{d['model']} {d['dtype']} on {d['env'].get('gpu', 'CPU')} ({d['command']})",
+                 fontsize=9)
+    return save_plot(fig, name, out_dir)
 
 
 if __name__ == "__main__":

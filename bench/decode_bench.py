@@ -1,20 +1,27 @@
-"""Decode overhead of the kernel server, each against a baseline measured in the same run:
+"""Decode and transport overhead of the kernel server, each against a baseline measured in
+the same run:
 
-- hooks installed, no breakpoint hit, through the server  vs  a plain in-process HF decode loop
-- one standing steering rule  vs  none (both through the server)
-- pause -> resume -> next pause, client-observed, minus compute  vs  a raw socket round trip
-- activation transfer to the client  vs  raw loopback socket bandwidth
+- decode through the kernel server (hooks installed, no breakpoint hit), client-observed,
+  vs a plain in-process Hugging Face KV-cache loop on the same model object;
+- one standing steering rule vs none (both through the server);
+- pause -> resume -> next pause at every step, client-observed, minus the server's compute
+  of that step, vs a raw loopback socket round trip (and the rpyc path for reference);
+- activation and logits transfer to the client vs raw loopback socket bandwidth.
 
-    python bench/decode_bench.py --model smollm2-135m        # CPU, real weights
-    python bench/decode_bench.py --smoke                     # tiny, proves the script runs
+Decode timings are interleaved (plain, hooked, steered, then the reverse order in the next
+repetition) after a warm-up round, and each ratio is the median of per-repetition ratios, so
+that drift on a shared machine hits both sides of a ratio alike.
+
+    python bench/decode_bench.py --device cpu --model smollm2-135m
+    python bench/decode_bench.py --device cuda --model random:llama-1b --dtype bfloat16
+    python bench/decode_bench.py --smoke          # tiny model, proves the script runs
 """
 from __future__ import annotations
 
 import argparse
-import socket
+import gc
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,145 +31,259 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import environment, write_result  # noqa: E402
+from common import (RESULTS, command_line, connect, environment, paired_ratio,  # noqa: E402
+                    pyplot, raw_loopback, save_plot, smoke_dir, start_server, sync,
+                    write_result)
 
 import djinn_nb as dj  # noqa: E402
-from kernel_server.server import Kernel, KernelServer  # noqa: E402
 
 PROMPT = "The capital of France is"
+med = statistics.median
 
 
-def plain_hf_ms_per_token(loaded, prompt_ids, n: int) -> float:
-    """The reference: a plain KV-cache greedy loop, no hooks, in this process."""
+def plain_decode(loaded, prompt_ids, n: int) -> tuple[float, list]:
+    """The reference: a plain greedy KV-cache loop, no hooks, in this process, timed like
+    the server's generation (prefill included; one host sync per token). Returns the total
+    ms and the ms of each decode step."""
     from transformers import DynamicCache
     model, dev = loaded.model, loaded.device
+    steps = []
     with torch.inference_mode():
+        sync(dev)
+        t0 = time.perf_counter()
         cache = DynamicCache(config=model.config)
         ids = torch.tensor([prompt_ids], device=dev)
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True,
                     logits_to_keep=1, **{loaded.cache_kwarg: cache})
         tok = out.logits[:, -1].argmax(-1)
+        int(tok)
         length = ids.shape[1]
-        t0 = time.perf_counter()
         for _ in range(n - 1):
+            t1 = time.perf_counter()
             length += 1
-            out = model(input_ids=tok.view(1, 1), attention_mask=torch.ones((1, length), dtype=torch.long, device=dev),
+            out = model(input_ids=tok.view(1, 1),
+                        attention_mask=torch.ones((1, length), dtype=torch.long, device=dev),
                         use_cache=True, logits_to_keep=1, **{loaded.cache_kwarg: cache})
             tok = out.logits[:, -1].argmax(-1)
             int(tok)
-        return (time.perf_counter() - t0) * 1e3 / (n - 1)
+            steps.append((time.perf_counter() - t1) * 1e3)
+        return (time.perf_counter() - t0) * 1e3, steps
 
 
-def server_decode_ms(s, n: int) -> float:
-    """Median decode forward per token from the step records (steps 1..), server side."""
-    res = s.generate(PROMPT, max_new_tokens=n, stop_at_eos=False).result
-    return statistics.median(r.forward_ms for r in res.steps[1:])
-
-
-def raw_socket(nbytes: int, reps: int) -> tuple[float, float]:
-    """(round trip ms of a 1-byte ping-pong, GB/s of an nbytes send) on loopback."""
-    srv = socket.create_server(("127.0.0.1", 0))
-    port = srv.getsockname()[1]
-
-    def echo():
-        conn, _ = srv.accept()
-        with conn:
-            for _ in range(reps):
-                conn.sendall(conn.recv(1))
-            conn.sendall(b"x" * nbytes)
-    th = threading.Thread(target=echo)
-    th.start()
-    c = socket.create_connection(("127.0.0.1", port))
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    rtts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        c.sendall(b"p")
-        c.recv(1)
-        rtts.append((time.perf_counter() - t0) * 1e3)
+def server_decode(s, prompt_ids, n: int) -> tuple[float, list]:
+    """The same generation through the kernel server: client-observed total ms, and the
+    server's forward ms of each decode step (from the step records)."""
     t0 = time.perf_counter()
-    got = 0
-    buf = bytearray(1 << 20)
-    while got < nbytes:
-        got += c.recv_into(buf)
-    secs = time.perf_counter() - t0
-    c.close()
-    th.join()
-    srv.close()
-    return statistics.median(rtts), nbytes / secs / 1e9
+    res = s.generate(prompt_ids, max_new_tokens=n, stop_at_eos=False).result
+    total = (time.perf_counter() - t0) * 1e3
+    assert len(res.tokens) == n
+    return total, [r.forward_ms for r in res.steps[1:]]
 
 
-def run(args) -> dict:
-    kernel = Kernel(args.model, device=args.device)
-    loaded = kernel.models.get()
-    prompt_ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    srv = KernelServer(kernel, "127.0.0.1", 0).start()
-    c = dj.connect(srv.address)
-    s = c.session()                      # (installs the layer hooks on the shared model)
-    plain, hooked, steered = [], [], []
-    layer = min(6, s.layers - 1)
-    for _ in range(args.reps):           # interleaved, so that drift hits all three alike
-        plain.append(plain_hf_ms_per_token(loaded, prompt_ids, args.tokens))
-        hooked.append(server_decode_ms(s, args.tokens))
-        s.steer(layer=layer, scale=0.9)
-        steered.append(server_decode_ms(s, args.tokens))
-        s.clear_steering()
-    # pause at every step: client-observed cycle minus the server's compute for that step
-    s.breakpoint(layer=min(6, s.layers - 1))
-    ev = s.generate(PROMPT, max_new_tokens=args.tokens, stop_at_eos=False)
+def decode_rounds(s, loaded, prompt_ids, args) -> dict:
+    layer = min(args.layer, s.layers - 1)
+    runs = {"plain": [], "hooked": [], "steered": []}
+
+    def one(kind):
+        gc.collect()
+        if kind == "plain":
+            return plain_decode(loaded, prompt_ids, args.tokens)
+        if kind == "steered":
+            s.steer(layer=layer, scale=0.9)
+            try:
+                return server_decode(s, prompt_ids, args.tokens)
+            finally:
+                s.clear_steering()
+        return server_decode(s, prompt_ids, args.tokens)
+
+    for kind in runs:                       # warm-up: caches, allocator, thread pools
+        one(kind)
+    for rep in range(args.reps):
+        order = list(runs) if rep % 2 == 0 else list(runs)[::-1]
+        for kind in order:
+            runs[kind].append(one(kind))
+    total = {k: [t for t, _ in v] for k, v in runs.items()}
+    step = {k: [med(st) for _, st in v] for k, v in runs.items()}
+    return {
+        "layer": layer,
+        "plain_total_ms": total["plain"], "hooked_total_ms": total["hooked"],
+        "steered_total_ms": total["steered"],
+        "plain_step_ms": step["plain"], "hooked_step_ms": step["hooked"],
+        "steered_step_ms": step["steered"],
+        # tokens/s ratios (>1: the server is faster), paired repetition by repetition
+        "hooks_vs_plain_e2e": paired_ratio(total["plain"], total["hooked"]),
+        "hooks_vs_plain_step": paired_ratio(step["plain"], step["hooked"]),
+        "steered_vs_unsteered_e2e": paired_ratio(total["hooked"], total["steered"]),
+        "steered_vs_unsteered_step": paired_ratio(step["hooked"], step["steered"]),
+    }
+
+
+def pause_cycle(s, prompt_ids, layer: int, n: int) -> list:
+    """Client-observed resume() walls at a breakpoint on every decode step, minus the
+    server's compute of a step: the transport and bookkeeping overhead of one cycle."""
+    s.breakpoint(layer=layer)
+    ev = s.generate(prompt_ids, max_new_tokens=n, stop_at_eos=False)
     walls = []
     while isinstance(ev, dj.Paused):
         t0 = time.perf_counter()
         ev = s.resume()
         walls.append((time.perf_counter() - t0) * 1e3)
-    compute = [r.forward_ms for r in ev.result.steps[1:]]
-    overhead = statistics.median(w - f for w, f in zip(walls, compute))
     s.clear_breakpoints()
-    # activation transfer: the whole prefill's hidden state of a long prompt
+    compute = [r.forward_ms for r in ev.result.steps[1:]]
+    return [w - f for w, f in zip(walls, compute)]
+
+
+def activation_rate(s, prompt_ids, reps: int) -> tuple[int, float, list]:
+    """GB/s of reading the whole prefill hidden state of a long prompt while paused."""
     s.breakpoint(layer=0, phase="prefill")
-    long_prompt = " ".join(["token"] * args.activation_tokens)
-    s.generate(long_prompt, max_new_tokens=1)
+    s.generate(prompt_ids, max_new_tokens=1)
     times = []
-    for _ in range(args.reps):
+    for _ in range(reps + 1):
         t0 = time.perf_counter()
         h = s.activation()
         times.append(time.perf_counter() - t0)
-    act_gbs = h.nbytes / statistics.median(times) / 1e9
     s.stop()
-    raw_rtt, raw_gbs = raw_socket(h.nbytes, 200)
-    rpc_rtt = statistics.median(c.ping() for _ in range(200))
-    c.close()
+    s.clear_breakpoints()
+    assert h.dtype == np.float32
+    return int(h.nbytes), h.nbytes / med(times[1:]) / 1e9, times[1:]
+
+
+def logits_rate(s, prompt_ids, steps: int, reps: int) -> tuple[int, float, list]:
+    """GB/s of a finished result carrying ``steps`` rows of full-vocabulary float32 logits:
+    pause at the last step, then time ``stop()``, whose reply is that result."""
+    s.breakpoint(layer=0, steps=[steps])
+    times = []
+    for _ in range(reps + 1):
+        s.generate(prompt_ids, max_new_tokens=steps + 1, stop_at_eos=False, return_logits=True)
+        t0 = time.perf_counter()
+        res = s.stop().result
+        times.append(time.perf_counter() - t0)
+    s.clear_breakpoints()
+    assert res.logits.shape[0] == steps
+    return int(res.logits.nbytes), res.logits.nbytes / med(times[1:]) / 1e9, times[1:]
+
+
+def run(args) -> dict:
+    srv, loaded = start_server(args.model, args.device, args.dtype)
+    prompt_ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    long_ids = loaded.tokenizer(" ".join(["token"] * args.activation_tokens),
+                                add_special_tokens=False)["input_ids"][:args.activation_tokens]
+    fast = connect(srv.address)                  # the control channel
+    slow = connect(srv.address, control=False)   # every call over rpyc, for reference
+    assert fast._control is not None and slow._control is None
+    s, r = fast.session(), slow.session()        # (installs the layer hooks on the shared model)
+    out = {"benchmark": "decode", "model": args.model, "device": str(loaded.device),
+           "dtype": str(loaded.dtype).removeprefix("torch."), "env": environment(loaded.device),
+           "tokens": args.tokens, "reps": args.reps, "layers": s.layers,
+           "prompt_tokens": len(prompt_ids), "command": command_line()}
+    out.update(decode_rounds(s, loaded, prompt_ids, args))
+    print("decode done", {k: round(v["median"], 4) for k, v in out.items()
+                          if isinstance(v, dict) and "median" in v}, flush=True)
+
+    layer = min(args.layer, s.layers - 1)
+    control, rpyc = [], []
+    for rep in range(args.cycle_reps):           # interleaved: control channel, rpyc
+        control += pause_cycle(s, prompt_ids, layer, args.cycle_tokens)
+        rpyc += pause_cycle(r, prompt_ids, layer, args.cycle_tokens)
+    out["pause_overhead_samples_ms"] = control
+    out["pause_resume_overhead_ms"] = med(control)
+    out["rpyc_pause_resume_overhead_ms"] = med(rpyc)
+    for _ in range(100):
+        fast.ping()
+        slow.ping()
+    out["control_ping_ms"] = med(fast.ping() for _ in range(args.pings))
+    out["rpyc_ping_ms"] = med(slow.ping() for _ in range(args.pings))
+
+    act_bytes, act_gbs, _ = activation_rate(s, long_ids, args.reps)
+    _, rpyc_act_gbs, _ = activation_rate(r, long_ids, args.reps)
+    logit_bytes, logit_gbs, _ = logits_rate(s, prompt_ids, args.logit_steps, args.reps)
+    raw_act = raw_loopback(act_bytes, max(args.reps, 5))
+    raw_logits = raw_loopback(logit_bytes, max(args.reps, 5))
+    out.update({
+        "raw_socket_rtt_ms": raw_act["rtt_ms"],
+        "pause_overhead_vs_raw_rtt": out["pause_resume_overhead_ms"] / raw_act["rtt_ms"],
+        "control_ping_vs_raw_rtt": out["control_ping_ms"] / raw_act["rtt_ms"],
+        "activation_bytes": act_bytes, "activation_gb_s": act_gbs,
+        "rpyc_activation_gb_s": rpyc_act_gbs,
+        "raw_socket_gb_s": raw_act["gb_s"], "activation_vs_raw_bandwidth": act_gbs / raw_act["gb_s"],
+        "logits_bytes": logit_bytes, "logits_gb_s": logit_gbs,
+        "raw_socket_logits_gb_s": raw_logits["gb_s"],
+        "logits_vs_raw_bandwidth": logit_gbs / raw_logits["gb_s"],
+    })
+    # the old names, kept for the README table
+    out["plain_hf_ms_per_token"] = med(out["plain_step_ms"])
+    out["server_hooks_ms_per_token"] = med(out["hooked_step_ms"])
+    out["steered_ms_per_token"] = med(out["steered_step_ms"])
+    out["hooks_vs_plain"] = out["hooks_vs_plain_e2e"]["median"]
+    out["steered_vs_unsteered"] = out["steered_vs_unsteered_e2e"]["median"]
+    fast.close()
+    slow.close()
     srv.close()
-    med = statistics.median
-    return {
-        "benchmark": "decode", "model": args.model, "device": str(loaded.device),
-        "env": environment(loaded.device), "tokens": args.tokens, "reps": args.reps,
-        "plain_hf_ms_per_token": med(plain), "server_hooks_ms_per_token": med(hooked),
-        "hooks_vs_plain": med(plain) / med(hooked),
-        "steered_ms_per_token": med(steered), "steered_vs_unsteered": med(hooked) / med(steered),
-        "pause_resume_overhead_ms": overhead, "raw_socket_rtt_ms": raw_rtt, "rpyc_ping_ms": rpc_rtt,
-        "pause_overhead_vs_raw_rtt": overhead / raw_rtt,
-        "activation_bytes": int(h.nbytes), "activation_gb_s": act_gbs, "raw_socket_gb_s": raw_gbs,
-        "activation_vs_raw_bandwidth": act_gbs / raw_gbs,
-        "command": " ".join(sys.argv),
-    }
+    return out
 
 
-def main(argv=None) -> int:
+def plot(d: dict, name: str, out_dir: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.2))
+    kinds = [("plain", "plain HF loop"), ("hooked", "server, hooks"), ("steered", "server, 1 rule")]
+    per_token = [np.array(d[f"{k}_total_ms"]) / d["tokens"] for k, _ in kinds]
+    ax[0].boxplot(per_token, showfliers=True)
+    ax[0].set_xticks(range(1, 4), [label for _, label in kinds])
+    ax[0].set_ylabel("ms per generated token (client-observed)")
+    ax[0].set_title(f"decode: hooks/plain {d['hooks_vs_plain']:.3f}, "
+                    f"steered/none {d['steered_vs_unsteered']:.3f}")
+    bars = {"raw socket RTT": d["raw_socket_rtt_ms"], "control ping": d["control_ping_ms"],
+            "pause cycle\n(control)": d["pause_resume_overhead_ms"],
+            "rpyc ping": d["rpyc_ping_ms"], "pause cycle\n(rpyc)": d["rpyc_pause_resume_overhead_ms"]}
+    ax[1].bar(list(bars), list(bars.values()), color=["grey", "C0", "C0", "C1", "C1"])
+    ax[1].axhline(2 * d["raw_socket_rtt_ms"], ls="--", color="k", lw=1, label="target: 2x raw RTT")
+    ax[1].set_ylabel("ms")
+    ax[1].set_title(f"pause->resume->pause beyond compute: {d['pause_overhead_vs_raw_rtt']:.1f}x raw RTT")
+    ax[1].legend()
+    rates = {"raw loopback": d["raw_socket_gb_s"], "activation\n(control)": d["activation_gb_s"],
+             "logits\n(control)": d["logits_gb_s"], "activation\n(rpyc+bulk)": d["rpyc_activation_gb_s"]}
+    ax[2].bar(list(rates), list(rates.values()), color=["grey", "C0", "C0", "C1"])
+    ax[2].axhline(0.5 * d["raw_socket_gb_s"], ls="--", color="k", lw=1, label="target: 50% of raw")
+    ax[2].set_ylabel("GB/s")
+    ax[2].set_title(f"transfer: activation {d['activation_vs_raw_bandwidth']:.0%}, "
+                    f"logits {d['logits_vs_raw_bandwidth']:.0%} of raw")
+    ax[2].legend()
+    fig.suptitle(f"{d['model']} on {d['env'].get('gpu', 'CPU')} ({d['command']})", fontsize=9)
+    return save_plot(fig, name, out_dir)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--tokens", type=int, default=24)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the server's)")
+    p.add_argument("--tokens", type=int, default=24, help="tokens per timed generation")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--layer", type=int, default=6, help="breakpoint / steering layer")
+    p.add_argument("--cycle-tokens", type=int, default=24)
+    p.add_argument("--cycle-reps", type=int, default=3)
+    p.add_argument("--pings", type=int, default=500)
     p.add_argument("--activation-tokens", type=int, default=1000)
-    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--logit-steps", type=int, default=16)
+    p.add_argument("--out", default=str(RESULTS), help="results directory")
+    p.add_argument("--name", default=None, help="result name (default decode_<device>)")
+    p.add_argument("--smoke", action="store_true", help="tiny model, a few reps, no result file")
     args = p.parse_args(argv)
     if args.smoke:
-        args.model, args.tokens, args.reps, args.activation_tokens = "tiny-gpt2", 4, 2, 20
+        args.model, args.device, args.tokens, args.reps = "tiny-gpt2", "cpu", 4, 2
+        args.cycle_tokens, args.cycle_reps, args.pings = 4, 1, 20
+        args.activation_tokens, args.logit_steps = 20, 2
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     result = run(args)
-    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items() if k != "env"})
-    if not args.smoke:
-        print("wrote", write_result(f"decode_{torch.device(args.device).type}", result))
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
+           if not isinstance(v, (dict, list))})
+    name = args.name or f"decode_{torch.device(args.device).type}"
+    out_dir = smoke_dir() if args.smoke else Path(args.out)
+    print("wrote", write_result(name, result, out_dir), plot(result, name, out_dir))
     return 0
 
 

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 from .errors import (AuthenticationFailedError, CheckpointError, TransferError, ConnectionLostError, DjinnError, InvalidArgumentError, InvalidEditError,
                      LayerOutOfRangeError, LimitExceededError, NotPausedError, ServerError,
                      SessionBusyError, SessionClosedError, StateError, UnknownModelError,
-                     UnknownSessionError, UnsupportedModelError)
+                     TLSError, UnknownSessionError, UnsupportedModelError)
 from .results import BatchFinished, Finished, GenerationResult, Paused, ScoreResult, StepRecord
 from .client import Client, connect
 from .pool import Pool
@@ -24,6 +24,7 @@ __all__ = [
     "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
     "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",
     "UnknownSessionError", "StateError", "NotPausedError", "SessionBusyError", "SessionClosedError",
+    "TLSError",
 ]
 
 

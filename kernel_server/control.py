@@ -57,7 +57,7 @@ class ControlServer:
         self._pending: dict[bytes, tuple] = {}          # nonce -> (service, expiry)
         self._channels: dict[socket.socket, object] = {}  # live socket -> its service
         self._gone = weakref.WeakSet()                   # services whose rpyc connection closed
-        self._signatures: dict = {}
+        self._calls: dict = {}          # (service class, call name) -> (method, signature)
         self._lock = threading.Lock()
         self._closed = False
         threading.Thread(target=self._accept_loop, name="djinn-control-accept", daemon=True).start()
@@ -180,15 +180,15 @@ class ControlServer:
             self._reply(conn, self._dispatch(service, request["call"], args))
 
     def _dispatch(self, service, name: str, args: dict) -> dict:
-        fn = ROUTES.get(name)
-        if fn is None and name.isidentifier():
-            fn = getattr(getattr(type(service), "exposed_" + name, None), "__wrapped__", None)
-        if fn is None:
-            return _error(InvalidArgumentError(f"unknown call {name!r}"))
-        signature = self._signatures.get(fn)
-        if signature is None:
-            signature = self._signatures[fn] = inspect.signature(fn)
-        return invoke(fn, service, args, signature)
+        found = self._calls.get((type(service), name))
+        if found is None:
+            fn = ROUTES.get(name)
+            if fn is None and name.isidentifier():
+                fn = getattr(getattr(type(service), "exposed_" + name, None), "__wrapped__", None)
+            if fn is None:
+                return _error(InvalidArgumentError(f"unknown call {name!r}"))
+            found = self._calls[(type(service), name)] = (fn, inspect.signature(fn))
+        return invoke(found[0], service, args, found[1])
 
     @staticmethod
     def _reply(conn: socket.socket, reply: dict) -> None:

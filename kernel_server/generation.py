@@ -13,6 +13,7 @@ import queue
 import random
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -32,6 +33,21 @@ _WORKERS = concurrent.futures.ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix
 # waits in the pool's queue behind paused ones (a deadlock), it is refused instead
 MAX_ACTIVE_RUNS = MAX_WORKERS - 16
 _ACTIVE = threading.BoundedSemaphore(MAX_ACTIVE_RUNS)
+# runs with a live worker; at interpreter exit the paused ones are aborted, else the
+# executor's exit hook would wait forever on their workers (a server inside a notebook
+# or a test process that ends while a generation is paused)
+_LIVE: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _abort_paused_runs_at_exit() -> None:
+    for run in list(_LIVE):
+        if run.pause is not None:
+            run._commands.put("abort")
+
+
+# threading runs these hooks in reverse order of registration: this one before the
+# executor's (registered when concurrent.futures.thread was imported above)
+threading._register_atexit(_abort_paused_runs_at_exit)
 
 
 class _Aborted(BaseException):
@@ -172,6 +188,7 @@ class GenerationRun:
             return {"event": "error", "error": LimitExceededError(
                 f"{MAX_ACTIVE_RUNS} generations are already running or paused on this server; "
                 "resume, stop or close some first")}
+        _LIVE.add(self)
         try:
             self._future = _WORKERS.submit(self._worker)
         except BaseException:

@@ -1,19 +1,96 @@
-"""Benchmarks cannot rot: each runs at a tiny size, and the README tables match the JSON."""
+"""Benchmarks cannot rot: each runs at a tiny size (JSON and plot written, the properties it
+checks hold), the suite's CUDA command lines parse, and the README tables match the JSON.
+No timing is asserted anywhere."""
 from __future__ import annotations
 
+import importlib
+import json
+import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def smoke(script: str) -> tuple[dict, str]:
+    """Run ``bench/<script> --smoke``; its result JSON (checked to exist with its PNG) and stdout."""
+    out = subprocess.run([sys.executable, f"bench/{script}", "--smoke"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    wrote = [line for line in out.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1, out.stdout[-2000:]
+    json_path, png_path = map(Path, wrote[0].split()[1:3])
+    assert png_path.suffix == ".png" and png_path.stat().st_size > 1000
+    assert png_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "results" not in json_path.parts                  # a smoke run never overwrites results
+    return json.loads(json_path.read_text()), out.stdout
+
+
+def finite(*values) -> bool:
+    return all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in values)
 
 
 def test_checkpoint_bench_smoke():
-    out = subprocess.run([sys.executable, "bench/checkpoint_bench.py", "--smoke"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("{'context'")]
-    assert len(rows) == 2 and "restore_continue_speedup" in rows[0]
+    d, _ = smoke("checkpoint_bench.py")
+    assert [r["context"] for r in d["rows"]] == [16, 64]
+    for r in d["rows"]:
+        assert finite(r["dispatch_ms_median"], r["copy_ms_median"], r["restore_ms_median"],
+                      r["restore_continue_speedup"])
+
+
+def test_decode_bench_smoke():
+    d, _ = smoke("decode_bench.py")
+    for key in ("hooks_vs_plain_e2e", "hooks_vs_plain_step", "steered_vs_unsteered_e2e"):
+        assert finite(d[key]["median"]) and len(d[key]["all"]) == d["reps"]
+    assert finite(d["pause_resume_overhead_ms"] + 1e3, d["raw_socket_rtt_ms"],   # (may be < 0)
+                  d["control_ping_ms"], d["rpyc_ping_ms"], d["activation_gb_s"],
+                  d["logits_gb_s"], d["raw_socket_gb_s"], d["rpyc_activation_gb_s"])
+    assert len(d["pause_overhead_samples_ms"]) == 3            # every decode step paused once
+    assert d["logits_bytes"] == 2 * 49152 * 4                  # 2 steps of float32 logits
+
+
+def test_sweep_bench_smoke():
+    d, _ = smoke("sweep_bench.py")
+    assert d["tokens_match"] is True                           # checkpoint sweep == fresh runs
+    assert d["prefix_not_recomputed"] is True and d["prefills_sweep"] == 1
+    assert len(d["fresh_ms"]) == len(d["sweep_ms"]) == d["reps"]
+    assert finite(d["sweep_speedup"])
+
+
+def test_nnsight_bench_smoke():
+    pytest.importorskip("nnsight", reason="the bench extra is not installed")
+    d, _ = smoke("nnsight_bench.py")
+    assert d["tokens_match"] is True                           # djinn_nb == nnsight == HF hook
+    assert len(d["tokens_djinn"]) == d["tokens"]
+    assert finite(d["djinn_vs_nnsight"]["median"], d["djinn_vs_hook"]["median"])
+
+
+def test_suite_command_lines_parse_for_both_devices():
+    """The commands ``python -m bench`` runs are valid for every script (the CUDA ones too,
+    which cannot run here)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        run_all = importlib.import_module("run_all")
+        for argv, device in [(["--device", "cuda", "--model", "random:llama-7b", "--tag", "7b"],
+                              "cuda"), (["--device", "cpu"], "cpu")]:
+            cmds = run_all.commands(run_all.parse_args(argv))
+            names = [name for name, _ in cmds]
+            assert names[:4] == ["decode", "checkpoint", "sweep", "nnsight"], names
+            for name, cmd in cmds:
+                if name == "fast_decode":      # its owner's script and options
+                    continue
+                args = importlib.import_module(Path(cmd[0]).stem).parse_args(cmd[1:])
+                assert args.device == device and not args.smoke
+                assert args.name == f"{name}_{device}" + ("_7b" if device == "cuda" else "")
+                if device == "cuda" and name != "checkpoint":
+                    assert args.model == "random:llama-7b" and args.dtype == "bfloat16"
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def test_readme_tables_are_generated_from_results():
@@ -22,8 +99,23 @@ def test_readme_tables_are_generated_from_results():
     assert out.returncode == 0, out.stdout
 
 
-def test_decode_bench_smoke():
-    out = subprocess.run([sys.executable, "bench/decode_bench.py", "--smoke"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "'hooks_vs_plain'" in out.stdout and "'activation_vs_raw_bandwidth'" in out.stdout
+def test_report_renders_every_kind_and_leaves_unknown_blocks_alone(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        report = importlib.import_module("report")
+    finally:
+        sys.path.remove(str(BENCH))
+    names = [p.stem for p in (BENCH / "results").glob("*.json")]
+    kinds = {json.loads((BENCH / "results" / f"{n}.json").read_text()).get("benchmark") for n in names}
+    assert {"decode", "checkpoint"} <= kinds
+    text = "".join(f"<!-- bench:{n} -->\nold\n<!-- /bench:{n} -->\n" for n in names)
+    text += "<!-- bench:nothing-here -->\nkept\n<!-- /bench:nothing-here -->\n"
+    new = report.render(text)
+    for n in names:
+        block = re.search(rf"<!-- bench:{n} -->\n(.*?)<!-- /bench:{n} -->", new, re.S).group(1)
+        kind = json.loads((BENCH / "results" / f"{n}.json").read_text()).get("benchmark")
+        if kind in report.RENDERERS:
+            assert block.startswith("`") and "| --- |" in block, n     # a generated table
+        else:
+            assert block == "old\n", n
+    assert "kept\n" in new

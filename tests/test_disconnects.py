@@ -209,12 +209,12 @@ def test_reconnect_reattaches_paused_sessions_and_checkpoints(grace_server):
         with pytest.raises(dj.UnknownSessionError):
             b.attach(s.id)
         assert b._call("reattach", owner=old_owner) == {"sessions": [], "checkpoints": []}
-        for call, args in [("session_info", {}), ("activation", {}), ("resume", {}),
-                           ("restore", {"checkpoint": ck.id})]:
+        for call in ("session_info", "activation", "resume", "close_session"):
             with pytest.raises(dj.UnknownSessionError):
-                b._call(call, session=s.id, **args)
-        with pytest.raises(dj.CheckpointError):
-            b.session().restore(ck)
+                b._call(call, session=s.id)
+        for session in (s.id, b.session().id):         # (the checkpoint is looked up first)
+            with pytest.raises(dj.CheckpointError, match="no checkpoint"):
+                b._call("restore", session=session, checkpoint=ck.id)
         # the client itself takes everything back; the same objects keep working
         got = a.reconnect()
         assert sorted(got["sessions"]) == sorted([s.id, other.id]) and got["checkpoints"] == [ck.id]

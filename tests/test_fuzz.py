@@ -15,11 +15,20 @@ CALLS = {
     "generate": ["session", "prompt", "max_new_tokens", "chat", "temperature", "top_k", "top_p",
                  "seed", "stop_at_eos", "record_top_k", "return_logits"],
     "resume": ["session", "ignore_breakpoints"], "step": ["session", "to"], "stop": ["session"],
-    "activation": ["session", "positions", "reduce"],
-    "edit": ["session", "scale", "add", "alpha", "set", "positions"],
-    "set_breakpoint": ["session", "layer", "phase", "steps"],
-    "clear_breakpoints": ["session", "layer"],
-    "steer": ["session", "layer", "scale", "add", "alpha", "set", "positions", "phase", "steps"],
+    "activation": ["session", "positions", "reduce", "row"],
+    "edit": ["session", "scale", "add", "alpha", "set", "positions", "head"],
+    "set_breakpoint": ["session", "layer", "phase", "steps", "site"],
+    "clear_breakpoints": ["session", "layer", "site"],
+    "steer": ["session", "layer", "scale", "add", "alpha", "set", "positions", "phase", "steps",
+              "site", "head", "rows"],
+    "score": ["session", "tokens", "start", "steering", "compare", "top_k", "return_logits"],
+    "steering_vector": ["session", "positive", "negative", "layer", "reduce"],
+    "cache": ["session", "prompt", "sites", "layers", "reduce", "steering"],
+    "lens": ["session", "prompt", "layers", "k", "target"],
+    "logit_lens": ["session", "k", "positions"],
+    "patch": ["session", "clean", "corrupted", "layer", "answer", "positions", "site", "head"],
+    "tokenize": ["session", "text"], "decode": ["session", "tokens"], "memory": [], "ping": [],
+    "export_checkpoint": ["checkpoint"],
     "clear_steering": ["session", "rule_id"],
     "checkpoint": ["session"], "checkpoint_info": ["checkpoint", "wait"], "checkpoints": [],
     "delete_checkpoint": ["checkpoint"], "restore": ["session", "checkpoint"], "fork": ["checkpoint"],
@@ -30,7 +39,8 @@ scalars = st.one_of(
     st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
     st.sampled_from(["all", "last", "both", "decode", "prefill", "norm", "mean", "layer", "token",
-                     "tiny-gpt2", "", "x" * 300]),
+                     "tiny-gpt2", "", "x" * 300, "session", "resid", "attn", "mlp", "heads",
+                     "attn_pattern", "module:transformer.h.1.mlp", "module:__class__"]),
 )
 arrays = st.one_of(
     st.builds(lambda n, d: np.zeros(n, dtype=d), st.integers(0, 130),
@@ -92,3 +102,16 @@ def test_server_still_correct_after_fuzzing(fuzz_client, state):
     print(f"fuzz cases run: {state['cases']}")
     s = fuzz_client.session(model="tiny-gpt2")
     assert s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False).tokens == state["reference"]
+
+
+#: exposed calls fuzzed elsewhere: the handshake and re-attach calls (test_security.py's bad
+#: input test) and the control channel's opener (test_control_channel.py)
+FUZZED_ELSEWHERE = {"hello", "reattach", "attach", "closing", "open_control",
+                    # rpyc.Service's own: return the service's name strings, take no input
+                    "get_service_name", "get_service_aliases"}
+
+
+def test_every_exposed_call_is_fuzzed():
+    from kernel_server.service import KernelService
+    exposed = {n[len("exposed_"):] for n in dir(KernelService) if n.startswith("exposed_")}
+    assert exposed - FUZZED_ELSEWHERE <= set(CALLS), sorted(exposed - FUZZED_ELSEWHERE - set(CALLS))

@@ -165,6 +165,8 @@ def test_tls_end_to_end_with_checkpoints_over_bulk(tls_server, cert, tmp_path, m
     monkeypatch.delenv("DJINN_TLS", raising=False)
     with dj.connect(tls_server.address, token=TOKEN, tls=cert[0]) as c:
         assert c._conn._channel.stream.sock.version().startswith("TLSv1.")
+        if c._control is not None:                           # the control channel too
+            assert c._control.sock.version().startswith("TLSv1.")
         s = c.session()
         reference = s.generate("The capital of France is", max_new_tokens=6,
                                stop_at_eos=False).tokens
@@ -302,3 +304,23 @@ def test_oversized_frames_close_only_that_connection(monkeypatch):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_new_calls_refuse_bad_input_with_typed_errors(client):
+    """hello(owner_key), reattach, attach, closing: wrong types and values are typed errors
+    (never ServerError), and the connection keeps working."""
+    bad = [None, 5, 1.5, "", "x" * 300, ["a"], {"a": 1}, np.zeros(3)]
+    for value in bad:
+        for call, key in [("hello", "owner_key"), ("reattach", "owner"), ("attach", "session")]:
+            if call == "hello" and value is None:
+                continue                                   # (None: no owner key, valid)
+            try:
+                out = client._call(call, **{key: value})
+            except dj.ServerError as exc:
+                raise AssertionError(f"{call}({key}={value!r:.40}) -> ServerError: {exc}")
+            except dj.DjinnError:
+                continue
+            assert call == "reattach" and out == {"sessions": [], "checkpoints": []}, (call, out)
+    with pytest.raises(dj.InvalidArgumentError):
+        client._call("closing", bogus=1)
+    assert client.session(model="tiny-gpt2").generate("hi", max_new_tokens=2).finished
