@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.djinn-installed
 TORCH  ?= torch==2.13.0
 PORT   ?= 8888
 
-.PHONY: setup lab test test-fast clean
+.PHONY: setup lab test test-fast bench bench-smoke clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,15 @@ test: setup
 ## without the real-weights and JupyterLab tests
 test-fast: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -m "not smollm2 and not lab" $(PYTEST_ARGS)
+
+## the benchmark suite: JSON + PNG in bench/results/, then the README tables regenerated
+## (BENCH_ARGS="--device cuda --model random:llama-1b --tag llama-1b" on a GPU machine)
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) -m bench $(BENCH_ARGS)
+
+## every benchmark at tiny size (nothing kept): proves the suite runs
+bench-smoke: setup
+	HF_HUB_OFFLINE=1 $(PY) -m bench --smoke
 
 clean:
 	rm -rf $(VENV) .pytest_cache test-output

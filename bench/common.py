@@ -11,15 +11,13 @@ import torch
 
 RESULTS = Path(__file__).parent / "results"
 
-# random-init shapes: GPU timing does not depend on weight values
-SHAPES = {
-    "tiny-llama": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                       num_attention_heads=4, num_key_value_heads=2),
-    "smollm2-shape": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
-                          num_attention_heads=9, num_key_value_heads=3),
-    "llama-1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
-                     num_attention_heads=32, num_key_value_heads=8),
-}
+# random-init shapes: GPU timing does not depend on weight values (the server's random:<shape>
+# models, plus SmolLM2's shape for the CPU checkpoint numbers)
+from kernel_server.sharding import RANDOM_SHAPES  # noqa: E402
+
+SHAPES = {**RANDOM_SHAPES,
+          "smollm2-shape": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
+                                num_attention_heads=9, num_key_value_heads=3)}
 
 
 def random_llama(shape: str, device: str, dtype: str, max_positions: int = 8192):
@@ -30,7 +28,8 @@ def random_llama(shape: str, device: str, dtype: str, max_positions: int = 8192)
     tok = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=max_positions, **SHAPES[shape])
-    model = LlamaForCausalLM(config).to(device=device, dtype=DTYPES[dtype]).eval()
+    with torch.device(device):        # built on its device: a 7B model initialises in seconds
+        model = LlamaForCausalLM(config).to(dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
     params = inspect.signature(model.forward).parameters
     return LoadedModel(name=f"random-{shape}", model=model, tokenizer=tok, layers=find_layers(model),
@@ -85,13 +84,29 @@ def command_line() -> str:
     return " ".join(["python", str(script), *sys.argv[1:]])
 
 
-def start_server(model: str, device: str, dtype: str | None = None):
-    """A kernel server on a loopback port in this process (as the tests run it); returns
-    ``(server, loaded model)``. The client connects with ``djinn_nb.connect(server.address)``."""
-    from kernel_server.server import Kernel, KernelServer
-    kernel = Kernel(model, device=device, dtype=dtype)
-    loaded = kernel.models.get()
-    return KernelServer(kernel, "127.0.0.1", 0).start(), loaded
+class ServerProcess:
+    """A kernel server in its own process (``python -m kernel_server`` on a free loopback
+    port, as ``dj.connect()`` launches it): client and server do not share an interpreter,
+    as a notebook and its server do not."""
+
+    def __init__(self, model: str, device: str, dtype: str | None = None):
+        from djinn_nb.launcher import LocalServer
+        self._server = LocalServer(model=model, device=device, dtype=dtype, progress=False)
+        self.address = self._server.address
+
+    def close(self) -> None:
+        self._server.stop()
+
+
+def start_server(model: str, device: str, dtype: str | None = None) -> ServerProcess:
+    return ServerProcess(model, device, dtype)
+
+
+def load_local(model: str, device: str, dtype: str):
+    """The same model in this process (same weights: a file, or the same seed), for the
+    in-process baselines."""
+    from kernel_server.models import load_model
+    return load_model(model, device, dtype, progress=False)
 
 
 def connect(address: str, control: bool = True):
@@ -109,47 +124,70 @@ def connect(address: str, control: bool = True):
             os.environ["DJINN_CONTROL"] = old
 
 
-def raw_loopback(nbytes: int, reps: int) -> dict:
-    """The baseline transport: a raw TCP socket on loopback, served by a thread of this
-    process (as the control channel is), TCP_NODELAY on both ends. Median round trip of a
-    1-byte ping-pong, and median GB/s of ``nbytes`` received into a preallocated buffer."""
-    import socket
-    import threading
-    srv = socket.create_server(("127.0.0.1", 0))
-    payload = b"x" * nbytes
+_ECHO = r"""
+import socket, sys
+payload = b"x" * int(sys.argv[1])
+srv = socket.create_server(("127.0.0.1", 0))
+print(srv.getsockname()[1], flush=True)
+conn, _ = srv.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while (what := conn.recv(1)):
+    conn.sendall(what if what == b"p" else payload)
+"""
 
-    def serve():
-        conn, _ = srv.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with conn:
-            while (what := conn.recv(1)):
-                conn.sendall(what if what == b"p" else payload)
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    c = socket.create_connection(srv.getsockname())
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    rtts, rates = [], []
-    for _ in range(50):                   # warm-up
-        c.sendall(b"p")
-        c.recv(1)
-    for _ in range(reps * 20):
+
+class RawEcho:
+    """The baseline transport: a raw TCP socket on loopback to a plain Python echo server in
+    another process (as the kernel server is), TCP_NODELAY on both ends. ``rtts(n)``: round
+    trips of a 1-byte ping-pong in ms; ``rate()``: GB/s of ``nbytes`` received into a
+    preallocated buffer. Kept open for a whole run, so it can be sampled between the
+    measurements it is the baseline of."""
+
+    def __init__(self, nbytes: int = 1):
+        import socket
+        import subprocess
+        import sys
+        self.nbytes = nbytes
+        self.proc = subprocess.Popen([sys.executable, "-c", _ECHO, str(nbytes)],
+                                     stdout=subprocess.PIPE, text=True)
+        port = int(self.proc.stdout.readline())
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = memoryview(bytearray(nbytes))
+        self.rtts(50)                          # warm-up
+
+    def rtts(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.sock.sendall(b"p")
+            self.sock.recv(1)
+            out.append((time.perf_counter() - t0) * 1e3)
+        return out
+
+    def rate(self) -> float:
         t0 = time.perf_counter()
-        c.sendall(b"p")
-        c.recv(1)
-        rtts.append((time.perf_counter() - t0) * 1e3)
-    buf = bytearray(nbytes)
-    view = memoryview(buf)
-    for _ in range(reps + 1):
-        t0 = time.perf_counter()
-        c.sendall(b"b")
+        self.sock.sendall(b"b")
         got = 0
-        while got < nbytes:
-            got += c.recv_into(view[got:])
-        rates.append(nbytes / (time.perf_counter() - t0) / 1e9)
-    c.close()
-    thread.join(timeout=10)
-    srv.close()
-    return {"rtt_ms": statistics.median(rtts), "gb_s": statistics.median(rates[1:]),
+        while got < self.nbytes:
+            got += self.sock.recv_into(self.buf[got:])
+        return self.nbytes / (time.perf_counter() - t0) / 1e9
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait(timeout=30)
+
+
+def raw_loopback(nbytes: int, reps: int) -> dict:
+    """Median round trip (ms) and median GB/s of ``nbytes`` over a fresh ``RawEcho``."""
+    echo = RawEcho(nbytes)
+    try:
+        rtts = echo.rtts(max(reps, 5) * 100)
+        echo.rate()
+        rates = [echo.rate() for _ in range(reps)]
+    finally:
+        echo.close()
+    return {"rtt_ms": statistics.median(rtts), "gb_s": statistics.median(rates),
             "rtt_samples": len(rtts)}
 
 

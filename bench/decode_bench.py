@@ -2,13 +2,15 @@
 the same run:
 
 - decode through the kernel server (hooks installed, no breakpoint hit), client-observed,
-  vs a plain in-process Hugging Face KV-cache loop on the same model object;
+  vs a plain Hugging Face KV-cache loop on the same model in the benchmark's process;
 - one standing steering rule vs none (both through the server);
 - pause -> resume -> next pause at every step, client-observed, minus the server's compute
   of that step, vs a raw loopback socket round trip (and the rpyc path for reference);
 - activation and logits transfer to the client vs raw loopback socket bandwidth.
 
-Decode timings are interleaved (plain, hooked, steered, then the reverse order in the next
+The server runs in its own process (``python -m kernel_server``, as ``dj.connect()`` starts
+it), so client and server do not share an interpreter; the raw socket baseline is a plain
+Python echo server in another process too. Decode timings are interleaved (plain, hooked, steered, then the reverse order in the next
 repetition) after a warm-up round, and each ratio is the median of per-repetition ratios, so
 that drift on a shared machine hits both sides of a ratio alike.
 
@@ -31,9 +33,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, command_line, connect, environment, paired_ratio,  # noqa: E402
-                    pyplot, raw_loopback, save_plot, smoke_dir, start_server, sync,
-                    write_result)
+from common import (RESULTS, command_line, connect, environment, load_local,  # noqa: E402
+                    paired_ratio, pyplot, RawEcho, raw_loopback, save_plot, smoke_dir,
+                    start_server, sync, write_result)
 
 import djinn_nb as dj  # noqa: E402
 
@@ -133,6 +135,40 @@ def pause_cycle(s, prompt_ids, layer: int, n: int) -> list:
     return [w - f for w, f in zip(walls, compute)]
 
 
+class RawStep:
+    """The floor of a pause cycle without djinn_nb (bench/raw_step_server.py in its own
+    process): raw socket round trips around one decode step of the same model each."""
+
+    def __init__(self, model: str, device: str, dtype: str):
+        import socket
+        import subprocess
+        script = Path(__file__).resolve().parent / "raw_step_server.py"
+        self.proc = subprocess.Popen([sys.executable, str(script), "--model", model, "--device",
+                                      device, "--dtype", dtype], stdout=subprocess.PIPE, text=True)
+        port = int(self.proc.stdout.readline())
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.cycle(4)                          # warm-up
+
+    def cycle(self, n: int) -> list:
+        import struct
+        out = []
+        for i in range(n):
+            t0 = time.perf_counter()
+            self.sock.sendall(b"s")
+            data = b""
+            while len(data) < 8:
+                data += self.sock.recv(8 - len(data))
+            wall = (time.perf_counter() - t0) * 1e3
+            if i:                              # (the first may be a prefill)
+                out.append(wall - struct.unpack("!d", data)[0])
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+        self.proc.wait(timeout=60)
+
+
 def activation_rate(s, prompt_ids, reps: int) -> tuple[int, float, list]:
     """GB/s of reading the whole prefill hidden state of a long prompt while paused."""
     s.breakpoint(layer=0, phase="prefill")
@@ -148,30 +184,41 @@ def activation_rate(s, prompt_ids, reps: int) -> tuple[int, float, list]:
     return int(h.nbytes), h.nbytes / med(times[1:]) / 1e9, times[1:]
 
 
-def logits_rate(s, prompt_ids, steps: int, reps: int) -> tuple[int, float, list]:
-    """GB/s of a finished result carrying ``steps`` rows of full-vocabulary float32 logits:
-    pause at the last step, then time ``stop()``, whose reply is that result."""
+def logits_rate(s, prompt_ids, steps: int, reps: int) -> dict:
+    """A finished result carrying ``steps`` rows of full-vocabulary float32 logits: pause at
+    the last step, then time ``stop()``, whose reply is that result; the same without logits
+    (interleaved) gives the part of the time the logits cost (stacking, sending, receiving).
+    GB/s: bytes over that part (``gb_s``) and over the whole ``stop()`` (``e2e_gb_s``)."""
     s.breakpoint(layer=0, steps=[steps])
-    times = []
-    for _ in range(reps + 1):
-        s.generate(prompt_ids, max_new_tokens=steps + 1, stop_at_eos=False, return_logits=True)
-        t0 = time.perf_counter()
-        res = s.stop().result
-        times.append(time.perf_counter() - t0)
+    times = {True: [], False: []}
+    for rep in range(reps + 1):
+        for with_logits in ((True, False) if rep % 2 else (False, True)):
+            s.generate(prompt_ids, max_new_tokens=steps + 1, stop_at_eos=False,
+                       return_logits=with_logits)
+            t0 = time.perf_counter()
+            res = s.stop().result
+            if rep:
+                times[with_logits].append(time.perf_counter() - t0)
+            if with_logits:
+                nbytes = int(res.logits.nbytes)
+                assert res.logits.shape[0] == steps
     s.clear_breakpoints()
-    assert res.logits.shape[0] == steps
-    return int(res.logits.nbytes), res.logits.nbytes / med(times[1:]) / 1e9, times[1:]
+    with_, without = med(times[True]), med(times[False])
+    return {"bytes": nbytes, "gb_s": nbytes / max(with_ - without, 1e-9) / 1e9,
+            "e2e_gb_s": nbytes / with_ / 1e9, "stop_ms": with_ * 1e3,
+            "stop_without_logits_ms": without * 1e3}
 
 
 def run(args) -> dict:
-    srv, loaded = start_server(args.model, args.device, args.dtype)
-    prompt_ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    long_ids = loaded.tokenizer(" ".join(["token"] * args.activation_tokens),
-                                add_special_tokens=False)["input_ids"][:args.activation_tokens]
+    srv = start_server(args.model, args.device, args.dtype)      # its own process
     fast = connect(srv.address)                  # the control channel
     slow = connect(srv.address, control=False)   # every call over rpyc, for reference
     assert fast._control is not None and slow._control is None
-    s, r = fast.session(), slow.session()        # (installs the layer hooks on the shared model)
+    s, r = fast.session(), slow.session()        # (installs the layer hooks on the server's model)
+    loaded = load_local(args.model, s.device, s.dtype)   # the plain loop's copy, in this process
+    prompt_ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    long_ids = loaded.tokenizer(" ".join(["token"] * args.activation_tokens),
+                                add_special_tokens=False)["input_ids"][:args.activation_tokens]
     out = {"benchmark": "decode", "model": args.model, "device": str(loaded.device),
            "dtype": str(loaded.dtype).removeprefix("torch."), "env": environment(loaded.device),
            "tokens": args.tokens, "reps": args.reps, "layers": s.layers,
@@ -181,32 +228,49 @@ def run(args) -> dict:
                           if isinstance(v, dict) and "median" in v}, flush=True)
 
     layer = min(args.layer, s.layers - 1)
-    control, rpyc = [], []
-    for rep in range(args.cycle_reps):           # interleaved: control channel, rpyc
+    echo = RawEcho()
+    floor = RawStep(args.model, s.device, s.dtype)
+    control, rpyc, raw_rtt, floor_overhead = [], [], [], []
+    for rep in range(args.cycle_reps):           # interleaved with their baselines
+        raw_rtt += echo.rtts(100)
         control += pause_cycle(s, prompt_ids, layer, args.cycle_tokens)
         rpyc += pause_cycle(r, prompt_ids, layer, args.cycle_tokens)
+        floor_overhead += floor.cycle(args.cycle_tokens)
+        raw_rtt += echo.rtts(100)
+    floor.close()
     out["pause_overhead_samples_ms"] = control
     out["pause_resume_overhead_ms"] = med(control)
     out["rpyc_pause_resume_overhead_ms"] = med(rpyc)
-    for _ in range(100):
-        fast.ping()
-        slow.ping()
-    out["control_ping_ms"] = med(fast.ping() for _ in range(args.pings))
-    out["rpyc_ping_ms"] = med(slow.ping() for _ in range(args.pings))
+    out["raw_step_overhead_ms"] = med(floor_overhead)
+    out["raw_socket_rtt_ms"] = med(raw_rtt)
+    out["raw_socket_rtt_p10_p90_ms"] = [float(np.percentile(raw_rtt, 10)),
+                                        float(np.percentile(raw_rtt, 90))]
+    pings = {"control": [], "rpyc": [], "raw": []}
+    for _ in range(5):
+        pings["raw"] += echo.rtts(args.pings // 5)
+        pings["control"] += [fast.ping() for _ in range(args.pings // 5)]
+        pings["rpyc"] += [slow.ping() for _ in range(args.pings // 5)]
+    echo.close()
+    out["control_ping_ms"] = med(pings["control"])
+    out["rpyc_ping_ms"] = med(pings["rpyc"])
+    out["raw_socket_rtt_ping_phase_ms"] = med(pings["raw"])
 
     act_bytes, act_gbs, _ = activation_rate(s, long_ids, args.reps)
-    _, rpyc_act_gbs, _ = activation_rate(r, long_ids, args.reps)
-    logit_bytes, logit_gbs, _ = logits_rate(s, prompt_ids, args.logit_steps, args.reps)
     raw_act = raw_loopback(act_bytes, max(args.reps, 5))
+    _, rpyc_act_gbs, _ = activation_rate(r, long_ids, args.reps)
+    logits = logits_rate(s, prompt_ids, args.logit_steps, args.reps)
+    logit_bytes, logit_gbs = logits["bytes"], logits["gb_s"]
     raw_logits = raw_loopback(logit_bytes, max(args.reps, 5))
     out.update({
-        "raw_socket_rtt_ms": raw_act["rtt_ms"],
-        "pause_overhead_vs_raw_rtt": out["pause_resume_overhead_ms"] / raw_act["rtt_ms"],
-        "control_ping_vs_raw_rtt": out["control_ping_ms"] / raw_act["rtt_ms"],
+        "pause_overhead_vs_raw_rtt": out["pause_resume_overhead_ms"] / out["raw_socket_rtt_ms"],
+        "pause_overhead_vs_raw_step": out["pause_resume_overhead_ms"] / out["raw_step_overhead_ms"],
+        "control_ping_vs_raw_rtt": out["control_ping_ms"] / out["raw_socket_rtt_ping_phase_ms"],
         "activation_bytes": act_bytes, "activation_gb_s": act_gbs,
         "rpyc_activation_gb_s": rpyc_act_gbs,
         "raw_socket_gb_s": raw_act["gb_s"], "activation_vs_raw_bandwidth": act_gbs / raw_act["gb_s"],
         "logits_bytes": logit_bytes, "logits_gb_s": logit_gbs,
+        "logits_e2e_gb_s": logits["e2e_gb_s"], "logits_stop_ms": logits["stop_ms"],
+        "logits_stop_without_logits_ms": logits["stop_without_logits_ms"],
         "raw_socket_logits_gb_s": raw_logits["gb_s"],
         "logits_vs_raw_bandwidth": logit_gbs / raw_logits["gb_s"],
     })
@@ -232,10 +296,10 @@ def plot(d: dict, name: str, out_dir: Path) -> Path:
     ax[0].set_ylabel("ms per generated token (client-observed)")
     ax[0].set_title(f"decode: hooks/plain {d['hooks_vs_plain']:.3f}, "
                     f"steered/none {d['steered_vs_unsteered']:.3f}")
-    bars = {"raw socket RTT": d["raw_socket_rtt_ms"], "control ping": d["control_ping_ms"],
-            "pause cycle\n(control)": d["pause_resume_overhead_ms"],
-            "rpyc ping": d["rpyc_ping_ms"], "pause cycle\n(rpyc)": d["rpyc_pause_resume_overhead_ms"]}
-    ax[1].bar(list(bars), list(bars.values()), color=["grey", "C0", "C0", "C1", "C1"])
+    bars = {"raw socket\nRTT": d["raw_socket_rtt_ms"], "raw socket\n+ step": d["raw_step_overhead_ms"],
+            "control\nping": d["control_ping_ms"], "cycle\n(control)": d["pause_resume_overhead_ms"],
+            "rpyc\nping": d["rpyc_ping_ms"], "cycle\n(rpyc)": d["rpyc_pause_resume_overhead_ms"]}
+    ax[1].bar(list(bars), list(bars.values()), color=["grey", "grey", "C0", "C0", "C1", "C1"])
     ax[1].axhline(2 * d["raw_socket_rtt_ms"], ls="--", color="k", lw=1, label="target: 2x raw RTT")
     ax[1].set_ylabel("ms")
     ax[1].set_title(f"pause->resume->pause beyond compute: {d['pause_overhead_vs_raw_rtt']:.1f}x raw RTT")
@@ -264,7 +328,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cycle-reps", type=int, default=3)
     p.add_argument("--pings", type=int, default=500)
     p.add_argument("--activation-tokens", type=int, default=1000)
-    p.add_argument("--logit-steps", type=int, default=16)
+    p.add_argument("--logit-steps", type=int, default=32)
     p.add_argument("--out", default=str(RESULTS), help="results directory")
     p.add_argument("--name", default=None, help="result name (default decode_<device>)")
     p.add_argument("--smoke", action="store_true", help="tiny model, a few reps, no result file")

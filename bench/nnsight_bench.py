@@ -5,8 +5,9 @@ The task: scale decoder block ``layer``'s output by ``scale`` on every forward p
 prompt's prefill and each decode step) and generate ``tokens`` greedy tokens.
 
 - djinn_nb: ``steer(layer, scale=...)`` then ``generate(prompt)``, from a client through the
-  kernel server (loopback, control channel), client-observed;
-- nnsight (local, ``TransformersModel`` around its own copy of the model, the same weights):
+  kernel server (its own process, loopback, control channel), client-observed;
+- nnsight (in the benchmark's process, ``TransformersModel`` around its own copy of the model,
+  the same weights):
   ``model.generate(...)`` with the edit in a ``tracer.iter`` loop over every step;
 - a plain Hugging Face forward hook on a KV-cache loop (the floor: no framework at all).
 
@@ -30,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, command_line, connect, environment, paired_ratio, pyplot,  # noqa: E402
-                    save_plot, smoke_dir, start_server, sync, write_result)
+from common import (RESULTS, command_line, connect, environment, load_local,  # noqa: E402
+                    paired_ratio, pyplot, save_plot, smoke_dir, start_server, sync, write_result)
 
 PROMPT = "The capital of France is"
 med = statistics.median
@@ -107,16 +108,16 @@ class NNsightPeer:
 
 
 def run(args) -> dict:
-    from kernel_server.models import load_model
-    srv, loaded = start_server(args.model, args.device, args.dtype)
+    srv = start_server(args.model, args.device, args.dtype)      # its own process
     c = connect(srv.address)
     s = c.session()
     layer = min(args.layer, s.layers - 1)
+    # the plain hook and nnsight each get their own copy of the model in this process (same
+    # weights: the file, or the same seed); nnsight's wrapping never touches the others
+    mine = load_local(args.model, s.device, s.dtype)
+    loaded = mine
+    peer = NNsightPeer(load_local(args.model, s.device, s.dtype))
     prompt_ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    # nnsight and the plain hook get their own copy (same weights: seeded or from the file)
-    mine = load_model(args.model, str(loaded.device), str(loaded.dtype).removeprefix("torch."),
-                      progress=False)
-    peer = NNsightPeer(mine)
     s.steer(layer=layer, scale=args.scale)
 
     def djinn():

@@ -41,8 +41,8 @@ def _spread(r: dict) -> str:
     return f"{_f(r['median'], 3)} ({_f(r['min'], 3)}-{_f(r['max'], 3)})"
 
 
-def _met(ok: bool) -> str:
-    return "yes" if ok else "**no**"
+def _met(ok) -> str:
+    return "-" if ok is None else "yes" if ok else "**no**"
 
 
 def checkpoint_table(d: dict) -> str:
@@ -84,16 +84,23 @@ def decode_table(d: dict) -> str:
          d["steered_vs_unsteered_e2e"]["median"] >= 0.98),
         ("pause -> resume -> next pause beyond compute (control channel) vs raw socket round trip",
          f"{_f(d['pause_resume_overhead_ms'], 3)} vs {_f(d['raw_socket_rtt_ms'], 3)} ms "
-         f"(control ping {_f(d['control_ping_ms'], 3)}; over rpyc: cycle "
-         f"{_f(d['rpyc_pause_resume_overhead_ms'], 3)}, ping {_f(d['rpyc_ping_ms'], 3)})",
+         f"(over rpyc: {_f(d['rpyc_pause_resume_overhead_ms'], 3)}; floor without djinn_nb, a raw "
+         f"socket round trip around one decode step: {_f(d['raw_step_overhead_ms'], 3)}, "
+         f"{_f(d['pause_overhead_vs_raw_step'], 1)}x)",
          f"{_f(d['pause_overhead_vs_raw_rtt'], 1)}x", "<= 2x", d["pause_overhead_vs_raw_rtt"] <= 2),
+        ("an empty call (ping), control channel vs raw socket round trip",
+         f"{_f(d['control_ping_ms'], 3)} vs {_f(d['raw_socket_rtt_ping_phase_ms'], 3)} ms "
+         f"(over rpyc: {_f(d['rpyc_ping_ms'], 3)})",
+         f"{_f(d['control_ping_vs_raw_rtt'], 1)}x", "-", None),
         ("activation transfer (control channel) vs raw loopback socket",
          f"{_f(d['activation_gb_s'], 3)} vs {_f(d['raw_socket_gb_s'], 3)} GB/s "
          f"({d['activation_bytes'] / 2**20:.1f} MiB; rpyc + bulk path {_f(d['rpyc_activation_gb_s'], 3)})",
          _f(d["activation_vs_raw_bandwidth"]), ">= 0.50", d["activation_vs_raw_bandwidth"] >= 0.5),
-        ("logits transfer (a result with full-vocabulary logits) vs raw loopback socket",
+        ("logits transfer: a finished result with full-vocabulary logits, the time they add to "
+         "`stop()` (control channel) vs raw loopback socket",
          f"{_f(d['logits_gb_s'], 3)} vs {_f(d['raw_socket_logits_gb_s'], 3)} GB/s "
-         f"({d['logits_bytes'] / 2**20:.1f} MiB)",
+         f"({d['logits_bytes'] / 2**20:.1f} MiB; over the whole `stop()`, "
+         f"{_f(d['logits_stop_ms'], 1)} ms, {_f(d['logits_e2e_gb_s'], 3)} GB/s)",
          _f(d["logits_vs_raw_bandwidth"]), ">= 0.50", d["logits_vs_raw_bandwidth"] >= 0.5),
     ]
     lines = [_heading(d, f"{d['model']} {d.get('dtype', '')}, {d['reps']} interleaved repetitions; "

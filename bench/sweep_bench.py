@@ -6,7 +6,8 @@ kernel server from a client, in one run:
 - sweep: ``generate(prompt)`` to the first decode step, ``checkpoint()``, then for each scale
   ``restore()``, ``steer(scale)``, ``resume()``: the prefill is computed once.
 
-The rule acts on decode steps only (``phase="decode"``), so both ways must give the same
+The server runs in its own process (``python -m kernel_server``). The rule acts on decode
+steps only (``phase="decode"``), so both ways must give the same
 tokens for every scale (checked). Fresh and sweep alternate between repetitions.
 
     python bench/sweep_bench.py --device cpu --model smollm2-135m
@@ -76,12 +77,12 @@ def sweep(s, prompt, scales, layer, tokens) -> tuple[float, float, list, list, b
 
 
 def run(args) -> dict:
-    srv, loaded = start_server(args.model, args.device, args.dtype)
+    srv = start_server(args.model, args.device, args.dtype)      # its own process
     c = connect(srv.address)
     s = c.session()
     layer = min(args.layer, s.layers - 1)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, loaded.vocab_size, (args.context,), generator=gen).tolist()
+    prompt = torch.randint(0, s.vocab_size, (args.context,), generator=gen).tolist()
     scales = np.linspace(args.scale_min, args.scale_max, args.scales)
     fresh(s, prompt[:32], scales[:1], layer, 2)                 # warm-up
     rows = {"fresh_ms": [], "sweep_ms": [], "prefix_ms": [], "fresh_per_scale_ms": [],
@@ -109,8 +110,8 @@ def run(args) -> dict:
     srv.close()
     speedups = [f / w for f, w in zip(rows["fresh_ms"], rows["sweep_ms"])]
     return {
-        "benchmark": "sweep", "model": args.model, "device": str(loaded.device),
-        "dtype": str(loaded.dtype).removeprefix("torch."), "env": environment(loaded.device),
+        "benchmark": "sweep", "model": args.model, "device": s.device, "dtype": s.dtype,
+        "env": environment(s.device),
         "command": command_line(), "reps": args.reps, "context": args.context,
         "tokens": args.tokens, "scales": [float(x) for x in scales], "layer": layer,
         **rows,

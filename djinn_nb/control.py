@@ -55,6 +55,10 @@ class ReplyTimeout(Exception):
 def send_frame(sock: socket.socket, meta: bytes, blobs=()) -> int:
     """Send one frame: header and meta in one buffer, then each blob from its own memory.
     Returns the bytes sent."""
+    if not blobs:                                   # the usual small message: one send
+        head = HEADER.pack(len(meta), 0) + meta
+        sock.sendall(head)
+        return len(head)
     payload = sum(len(b) for b in blobs)
     head = HEADER.pack(len(meta), payload) + meta
     send_buffers(sock, [head, *blobs])
@@ -138,6 +142,21 @@ class FrameReader:
     def read_header(self) -> tuple[int, int]:
         return HEADER.unpack(self.read(HEADER.size))
 
+    def read_meta(self, limit: int = MAX_META) -> tuple[bytes | None, int]:
+        """The next frame's meta bytes and payload length (the payload is left to read).
+        A small frame costs one ``recv``. Meta over ``limit``: ``(None, payload)``, unread."""
+        while self._end - self._start < HEADER.size:
+            self._fill()
+        meta_len, payload = HEADER.unpack_from(self._buf, self._start)
+        if meta_len > limit:
+            return None, payload
+        self._start += HEADER.size
+        if self._end - self._start >= meta_len:       # (all in the buffer already)
+            meta = bytes(self._view[self._start:self._start + meta_len])
+            self._start += meta_len
+            return meta, payload
+        return self.read(meta_len), payload
+
 
 def receive_arrays(reader: FrameReader, specs: list, payload: int) -> list:
     """The frame's arrays, read straight into new numpy arrays (``specs`` from
@@ -213,10 +232,10 @@ class ControlChannel:
                 raise
 
     def _read_reply(self) -> dict:
-        meta_len, payload = self._reader.read_header()
-        if meta_len > MAX_META or payload > MAX_PAYLOAD:
-            raise ProtocolError(f"reply frame too large ({meta_len} + {payload} bytes)")
-        meta = self._reader.read(meta_len)
+        meta, payload = self._reader.read_meta()
+        if meta is None or payload > MAX_PAYLOAD:
+            raise ProtocolError(f"reply frame too large (payload {payload} bytes)")
+        meta_len = len(meta)
         reply = json.loads(meta)
         if payload or ARRAY_MARK in meta:
             reply = wire.fill_arrays(reply, receive_arrays(self._reader, wire.array_specs(reply),

@@ -68,7 +68,22 @@ def decode_array(dtype: str, shape: Any, data: Any) -> np.ndarray:
     return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<")).reshape(tuple(shape))
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})   # exact types that go as they are
+
+
 def _to_plain(obj: Any, blobs: list, views: bool = False) -> Any:
+    t = type(obj)
+    if t in _PLAIN:
+        return obj
+    if t is dict or t is list:     # the common case, without a call per plain value
+        if t is list:
+            return [v if type(v) in _PLAIN else _to_plain(v, blobs, views) for v in obj]
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                raise InvalidArgumentError(f"dict keys must be str, got {type(key).__name__}")
+            out[key] = value if type(value) in _PLAIN else _to_plain(value, blobs, views)
+        return out
     if isinstance(obj, (np.bool_, np.integer, np.floating)):   # (np.float64 is a float too)
         return obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):

@@ -149,17 +149,16 @@ class ControlServer:
 
     def _serve(self, conn: socket.socket, service) -> None:
         reader = FrameReader(conn)
+        limit = min(MAX_META, self.max_request_bytes)
         while True:
             try:
-                meta_len, payload = reader.read_header()
+                meta, payload = reader.read_meta(limit)
             except EOFError:
                 return
-            if meta_len > MAX_META or meta_len + payload > self.max_request_bytes:
-                log.warning("closing a control connection: a request frame of %d bytes is over "
-                            "the request limit of %d bytes (--max-request-mb)",
-                            meta_len + payload, self.max_request_bytes)
+            if meta is None or len(meta) + payload > self.max_request_bytes:
+                log.warning("closing a control connection: a request frame is over the request "
+                            "limit of %d bytes (--max-request-mb)", self.max_request_bytes)
                 return
-            meta = reader.read(meta_len)
             try:
                 request = decode_meta(meta)
                 if (not isinstance(request, dict) or type(request.get("call")) is not str

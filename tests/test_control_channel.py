@@ -353,3 +353,44 @@ def test_disabled_by_environment(server, monkeypatch):
     with dj.connect(server.address) as c:
         assert c._control is None
         assert c.session(model="tiny-gpt2").generate(PROMPT, max_new_tokens=2).finished
+
+
+def test_control_channel_runs_inside_tls(tmp_path, monkeypatch):
+    """With --certfile the control socket goes through the same opening as rpyc: TLS, then
+    the token; arrays travel through TLS (sendall instead of sendmsg) with the same results."""
+    import ssl
+    import subprocess
+    from kernel_server.server import Kernel, KernelServer
+    monkeypatch.delenv("DJINN_TOKEN", raising=False)
+    monkeypatch.delenv("DJINN_TLS", raising=False)
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem"), "-days", "2", "-subj", "/CN=djinn-test",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True)
+    cert = str(tmp_path / "cert.pem")
+    srv = KernelServer(Kernel("tiny-gpt2", device="cpu"), "127.0.0.1", 0, token="tls-token",
+                       certfile=cert, keyfile=str(tmp_path / "key.pem")).start()
+    try:
+        with dj.connect(srv.address, token="tls-token", tls=cert) as c:
+            assert isinstance(c._control, control.ControlChannel)
+            assert isinstance(c._control.sock, ssl.SSLSocket)
+            assert c._control.sock.version().startswith("TLSv1.")
+            monkeypatch.setenv("DJINN_CONTROL", "0")
+            with dj.connect(srv.address, token="tls-token", tls=cert) as slow:
+                monkeypatch.delenv("DJINN_CONTROL")
+                same(scenario(c), scenario(slow))
+            good = offer(c)
+            with socket.create_connection((srv.host, good["port"]), timeout=10) as sock:
+                assert sock.recv(1) == b"\x02"            # TLS first; a clear nonce is refused
+                sock.sendall(bytes.fromhex(good["nonce"]))
+                got = b""
+                try:
+                    while (chunk := sock.recv(64)):          # at most a TLS alert, then closed
+                        got += chunk
+                except OSError:
+                    pass
+                assert control.ACK not in got[:1] and len(got) < 64
+            assert c.ping() > 0
+    finally:
+        srv.close()

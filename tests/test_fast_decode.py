@@ -141,6 +141,8 @@ def test_mode_selection_and_cli_option():
     from kernel_server.cli import parse_args
     assert parse_args(["--fast-decode", "off"]).fast_decode == "off"
     assert parse_args(["--fast-decode", "auto"]).fast_decode == "auto"
+    if "DJINN_FAST_DECODE" not in os.environ:    # graphs are opt-in (see fast_decode._mode)
+        assert parse_args([]).fast_decode == "off"
     with pytest.raises(SystemExit):
         parse_args(["--fast-decode", "sometimes"])
 

@@ -10,6 +10,8 @@ restore, and checkpoint files moved between different device maps. What needs tw
 """
 from __future__ import annotations
 
+import os
+
 import subprocess
 import sys
 from pathlib import Path
@@ -71,8 +73,16 @@ def run(s, n=N, on_pause=None, **kw):
     return ev.result
 
 
+#: the `client` fixture's kernel runs on DJINN_TEST_DEVICE; the mapped servers here on the CPU
+FIXTURE_ON_CPU = os.environ.get("DJINN_TEST_DEVICE", "cpu") == "cpu"
+
+
 def same(a, b) -> bool:
-    return a.tokens == b.tokens and np.array_equal(a.logits, b.logits)
+    """Bit for bit on one device; across CPU and a GPU run of the suite, the same tokens and
+    logits within float32 rounding (different kernels)."""
+    if FIXTURE_ON_CPU:
+        return a.tokens == b.tokens and np.array_equal(a.logits, b.logits)
+    return a.tokens == b.tokens and np.allclose(a.logits, b.logits, atol=1e-5)
 
 
 # ---- options and bookkeeping (no model) ---------------------------------------------------------
@@ -246,7 +256,9 @@ def test_stats_report_memory_per_device_without_counting_themselves(client):
     assert len(second["rtt_ms"]) == len(first["rtt_ms"])
     cpu = [d for d in second["devices"] if d["device"] == "cpu"]
     assert len(cpu) == 1 and cpu[0]["rss_bytes"] > 10 * 2**20
-    assert cpu[0]["total_bytes"] > cpu[0]["rss_bytes"] and cpu[0]["layers"].get("tiny-gpt2") == 8
+    assert cpu[0]["total_bytes"] > cpu[0]["rss_bytes"]
+    where = [d for d in second["devices"] if d["layers"].get("tiny-gpt2")]
+    assert len(where) == 1 and where[0]["layers"]["tiny-gpt2"] == 8
     assert client.stats(memory=False)["devices"] is None
     s.generate(PROMPT, max_new_tokens=2)
     assert client.stats()["calls"] == second["calls"] + 1
@@ -335,6 +347,7 @@ def test_pool_errors_leave_nothing_open(server):
 
 
 def test_dashboard_picks_the_server_of_a_pool(server, llama_server):
+    pytest.importorskip("ipywidgets", reason="the dashboard needs the widgets extra")
     pool = dj.connect([server.address, llama_server.address])
     try:
         d = dj.Dashboard(pool, max_new_tokens=4, background=False, prompt=PROMPT)

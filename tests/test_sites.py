@@ -96,7 +96,7 @@ def test_zero_ablating_a_head_changes_exactly_that_head(kernel, client):
     # the attention output moves by exactly the head's slice through the output projection
     _, proj = _modules(loaded, layer)
     d = h0.shape[2]
-    w = proj.weight.detach().float().numpy()        # GPT-2 Conv1D: [in, out]
+    w = proj.weight.detach().float().cpu().numpy()   # GPT-2 Conv1D: [in, out]
     contribution = h0[:, head] @ w[head * d:(head + 1) * d]
     np.testing.assert_allclose(clean["attn", layer] - ablated["attn", layer], contribution, atol=1e-5)
     # the same rule as a standing steer() during generation reads the same at a pause
@@ -164,9 +164,10 @@ def test_module_path_site(kernel, client):
         lambda m, a, o: seen.__setitem__("x", o[0].float().clone()))
     try:
         with torch.inference_mode():
-            loaded.model(input_ids=torch.tensor([ids]), use_cache=False)
+            loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False)
     finally:
         h.remove()
+    seen["x"] = seen["x"].cpu()
     np.testing.assert_allclose(cache[f"module:{path}"], seen["x"].numpy(), atol=1e-6)
     s.breakpoint(site=f"module:{path}", phase="prefill")
     ev = s.generate(ids, 1)
@@ -216,9 +217,10 @@ def test_patching(client):
     # ... and the last layer only matters at the last position: a non-trivial pattern
     assert res.normalized[-1, -1] == pytest.approx(1.0, abs=1e-4)
     assert np.all(np.abs(res.normalized[-1, 2:-1]) < 1e-4)
+    s.close()
+    pytest.importorskip("plotly", reason="the heatmap needs plotly (the widgets extra)")
     fig = dj.plots.patching_heatmap(res)
     assert fig.data[0].z.shape == (s.layers, len(clean))
-    s.close()
 
 
 def test_site_rules_survive_a_checkpoint_file(client, server, tmp_path):
