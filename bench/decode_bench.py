@@ -120,10 +120,13 @@ def decode_rounds(s, loaded, prompt_ids, args) -> dict:
     }
 
 
-def pause_cycle(s, prompt_ids, layer: int, n: int) -> list:
-    """Client-observed resume() walls at a breakpoint on every decode step, minus the
-    server's compute of a step: the transport and bookkeeping overhead of one cycle."""
-    s.breakpoint(layer=layer)
+def pause_cycle(s, prompt_ids, n: int) -> list:
+    """Client-observed ``resume()`` walls with a breakpoint after the last decoder block on
+    every decode step, minus the server's compute: the overhead of one cycle. Each wall runs
+    the tail of one step (final norm, head, pick) and the blocks of the next step up to the
+    pause, so it is paired with that next step's forward time (the same blocks, timed on the
+    server in the same run; the two tails are alike): compute jitter cancels."""
+    s.breakpoint(layer=s.layers - 1)
     ev = s.generate(prompt_ids, max_new_tokens=n, stop_at_eos=False)
     walls = []
     while isinstance(ev, dj.Paused):
@@ -131,8 +134,9 @@ def pause_cycle(s, prompt_ids, layer: int, n: int) -> list:
         ev = s.resume()
         walls.append((time.perf_counter() - t0) * 1e3)
     s.clear_breakpoints()
-    compute = [r.forward_ms for r in ev.result.steps[1:]]
-    return [w - f for w, f in zip(walls, compute)]
+    steps = ev.result.steps
+    # walls[i]: from the pause in step i+1 to the pause in step i+2 (the last one: to the end)
+    return [walls[i] - steps[i + 2].forward_ms for i in range(len(walls) - 1)]
 
 
 class RawStep:
@@ -227,14 +231,14 @@ def run(args) -> dict:
     print("decode done", {k: round(v["median"], 4) for k, v in out.items()
                           if isinstance(v, dict) and "median" in v}, flush=True)
 
-    layer = min(args.layer, s.layers - 1)
+    out["pause_layer"] = s.layers - 1            # (a breakpoint after the last block)
     echo = RawEcho()
     floor = RawStep(args.model, s.device, s.dtype)
     control, rpyc, raw_rtt, floor_overhead = [], [], [], []
     for rep in range(args.cycle_reps):           # interleaved with their baselines
         raw_rtt += echo.rtts(100)
-        control += pause_cycle(s, prompt_ids, layer, args.cycle_tokens)
-        rpyc += pause_cycle(r, prompt_ids, layer, args.cycle_tokens)
+        control += pause_cycle(s, prompt_ids, args.cycle_tokens)
+        rpyc += pause_cycle(r, prompt_ids, args.cycle_tokens)
         floor_overhead += floor.cycle(args.cycle_tokens)
         raw_rtt += echo.rtts(100)
     floor.close()
@@ -304,10 +308,13 @@ def plot(d: dict, name: str, out_dir: Path) -> Path:
     ax[1].set_ylabel("ms")
     ax[1].set_title(f"pause->resume->pause beyond compute: {d['pause_overhead_vs_raw_rtt']:.1f}x raw RTT")
     ax[1].legend()
-    rates = {"raw loopback": d["raw_socket_gb_s"], "activation\n(control)": d["activation_gb_s"],
-             "logits\n(control)": d["logits_gb_s"], "activation\n(rpyc+bulk)": d["rpyc_activation_gb_s"]}
-    ax[2].bar(list(rates), list(rates.values()), color=["grey", "C0", "C0", "C1"])
-    ax[2].axhline(0.5 * d["raw_socket_gb_s"], ls="--", color="k", lw=1, label="target: 50% of raw")
+    rates = {"raw, activation\nsize": d["raw_socket_gb_s"], "activation\n(control)": d["activation_gb_s"],
+             "activation\n(rpyc+bulk)": d["rpyc_activation_gb_s"],
+             "raw, logits\nsize": d["raw_socket_logits_gb_s"], "logits\n(control)": d["logits_gb_s"]}
+    ax[2].bar(list(rates), list(rates.values()), color=["grey", "C0", "C1", "grey", "C0"])
+    ax[2].plot([-0.4, 2.4], [0.5 * d["raw_socket_gb_s"]] * 2, ls="--", color="k", lw=1,
+               label="target: 50% of raw")
+    ax[2].plot([2.6, 4.4], [0.5 * d["raw_socket_logits_gb_s"]] * 2, ls="--", color="k", lw=1)
     ax[2].set_ylabel("GB/s")
     ax[2].set_title(f"transfer: activation {d['activation_vs_raw_bandwidth']:.0%}, "
                     f"logits {d['logits_vs_raw_bandwidth']:.0%} of raw")
@@ -323,7 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="float32, float16, bfloat16 (default: the server's)")
     p.add_argument("--tokens", type=int, default=24, help="tokens per timed generation")
     p.add_argument("--reps", type=int, default=7)
-    p.add_argument("--layer", type=int, default=6, help="breakpoint / steering layer")
+    p.add_argument("--layer", type=int, default=6, help="steering layer")
     p.add_argument("--cycle-tokens", type=int, default=24)
     p.add_argument("--cycle-reps", type=int, default=3)
     p.add_argument("--pings", type=int, default=500)

@@ -67,6 +67,10 @@ def checkpoint_table(d: dict) -> str:
 
 
 def decode_table(d: dict) -> str:
+    raw = d
+    d = {"raw_step_overhead_ms": float("nan"), "pause_overhead_vs_raw_step": float("nan"),
+         "raw_socket_rtt_ping_phase_ms": d.get("raw_socket_rtt_ms"),
+         "logits_stop_ms": float("nan"), "logits_e2e_gb_s": float("nan"), **d}   # (older files)
     tok = d["tokens"]
     per = {k: sorted(d[f"{k}_total_ms"])[len(d[f"{k}_total_ms"]) // 2] / tok
            for k in ("plain", "hooked", "steered")}
@@ -96,15 +100,19 @@ def decode_table(d: dict) -> str:
          f"{_f(d['activation_gb_s'], 3)} vs {_f(d['raw_socket_gb_s'], 3)} GB/s "
          f"({d['activation_bytes'] / 2**20:.1f} MiB; rpyc + bulk path {_f(d['rpyc_activation_gb_s'], 3)})",
          _f(d["activation_vs_raw_bandwidth"]), ">= 0.50", d["activation_vs_raw_bandwidth"] >= 0.5),
-        ("logits transfer: a finished result with full-vocabulary logits, the time they add to "
-         "`stop()` (control channel) vs raw loopback socket",
+        (("logits transfer: a finished result with full-vocabulary logits, the time they add to "
+          "`stop()`" if "logits_stop_ms" in raw else
+          "logits transfer: `stop()` returning a result with full-vocabulary logits") +
+         " (control channel) vs raw loopback socket",
          f"{_f(d['logits_gb_s'], 3)} vs {_f(d['raw_socket_logits_gb_s'], 3)} GB/s "
-         f"({d['logits_bytes'] / 2**20:.1f} MiB; over the whole `stop()`, "
-         f"{_f(d['logits_stop_ms'], 1)} ms, {_f(d['logits_e2e_gb_s'], 3)} GB/s)",
+         f"({d['logits_bytes'] / 2**20:.1f} MiB" + (
+             f"; over the whole `stop()`, {_f(d['logits_stop_ms'], 1)} ms, "
+             f"{_f(d['logits_e2e_gb_s'], 3)} GB/s)" if "logits_stop_ms" in raw else ")"),
          _f(d["logits_vs_raw_bandwidth"]), ">= 0.50", d["logits_vs_raw_bandwidth"] >= 0.5),
     ]
-    lines = [_heading(d, f"{d['model']} {d.get('dtype', '')}, {d['reps']} interleaved repetitions; "
-                         "ratios: median (min-max) of per-repetition ratios"), "",
+    mode = f", server decode mode: {d['fast_decode']}" if d.get("fast_decode") else ""
+    lines = [_heading(d, f"{d['model']} {d.get('dtype', '')}{mode}, {d['reps']} interleaved "
+                         "repetitions; ratios: median (min-max) of per-repetition ratios"), "",
              "| what | measured | ratio | target | met |", "| --- | --- | --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} | {t} | {_met(ok)} |" for a, b, c, t, ok in rows]
     return "\n".join(lines)

@@ -33,8 +33,13 @@ def commands(args) -> list[tuple[str, list[str]]]:
     tag = f"_{args.tag}" if args.tag else ""
     dev = "cuda" if cuda else "cpu"
 
-    def out(name):
-        return ["--out", str(args.out), "--name", f"{name}_{dev}{tag}"]
+    out_dir = Path(args.out).resolve()
+    out_dir = out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir
+
+    where = [] if out_dir == RESULTS.relative_to(ROOT) else ["--out", str(out_dir)]
+
+    def out(name):          # (the defaults left out: the recorded command stays short)
+        return where + ([] if not tag else ["--name", f"{name}_{dev}{tag}"])
     if cuda:
         shape, ck_dtype = args.checkpoint_shape or "llama-1b", args.dtype or "bfloat16"
         contexts, sweep_context = ["128", "1024", "4096"], "1024"
@@ -52,7 +57,7 @@ def commands(args) -> list[tuple[str, list[str]]]:
     }
     if cuda and (HERE / "fast_decode_bench.py").exists():   # (its owner's options, its own names)
         runs["fast_decode"] = ["bench/fast_decode_bench.py", "--device", args.device,
-                               "--out", str(args.out)]
+                               *where]
     chosen = [b for b in BENCHMARKS if b in runs and (not args.only or b in args.only)
               and b not in (args.skip or [])]
     if args.smoke:   # each script's --smoke: tiny model, CPU, a temporary directory

@@ -3,12 +3,13 @@
 rpyc costs about 0.4 ms a round trip on loopback and moves arrays through its own
 chunking; a raw socket round trip costs about 0.1 ms. After connecting, the client asks
 the server (over rpyc, ``open_control``) for a control port and a one-time nonce, connects,
-answers the same token challenge as the rpyc handshake (``djinn_nb.auth``) and proves the
-nonce; from then on each call is one request frame and one reply frame on that socket.
+goes through the same opening as the rpyc connection (``djinn_nb.auth``: TLS when the server
+has a certificate, then the token challenge) and proves the nonce; from then on each call is
+one request frame and one reply frame on that socket.
 The server runs the very same exposed method (``kernel_server.service.invoke``) with the
 same argument checks and typed errors; only the transport differs.
 
-A frame is ``!II`` (meta length, payload length), the meta JSON (``djinn_nb.wire``'s
+A frame is ``!IQ`` (meta length, payload length), the meta JSON (``djinn_nb.wire``'s
 structure: ``{"call", "args"}`` or ``{"ok"}`` / ``{"error"}``, arrays as placeholders with
 dtype and shape), then the arrays' raw bytes back to back. Arrays are sent from their own
 memory (``sendmsg`` of views) and received straight into freshly allocated numpy arrays
@@ -34,9 +35,9 @@ from .errors import ConnectionLostError, DjinnError, InvalidArgumentError
 
 log = logging.getLogger("djinn_nb.control")
 
-HEADER = struct.Struct("!II")         # meta bytes, payload bytes
+HEADER = struct.Struct("!IQ")         # meta bytes, payload bytes
 MAX_META = 64 << 20                   # a frame's JSON part
-MAX_PAYLOAD = 4 << 30                 # a frame's arrays
+MAX_PAYLOAD = 1 << 40                 # a frame's arrays
 ENV = "DJINN_CONTROL"                 # "0": never open a control channel (rpyc only)
 ACK = b"\x01"
 ARRAY_MARK = b'"__ndarray__"'         # in a frame's meta iff it carries arrays (wire's key)
@@ -206,30 +207,46 @@ class ControlChannel:
     def call(self, request: tuple[bytes, list]) -> dict:
         """Send ``request`` and return the server's reply: ``{"ok": value}`` or ``{"error": ...}``.
         Transport failures raise ``EOFError`` / ``OSError`` (the caller turns them into
-        ``ConnectionLostError``) and close the channel."""
+        ``ConnectionLostError``) and close the channel. A timeout (``ReplyTimeout``) or an
+        interrupt (Ctrl-C, the notebook's stop button) while waiting for the reply leaves the
+        channel in step: that reply is dropped when it comes, as rpyc drops a late reply."""
         with self._lock:
             if self._closed:
                 raise EOFError("the control channel is closed")
+            waiting = False
             try:
                 while self._owed:                 # replies the server still owes: drop them
+                    waiting = True
+                    self._wait(None)
+                    waiting = False
                     self._read_reply()
                     self._owed -= 1
                 sent = send_frame(self.sock, *request)
                 self.bytes_sent += sent
                 if self.account is not None:
                     self.account(sent, 0, 0)
-                if (self.timeout is not None and not self._reader.buffered()
-                        and not getattr(self.sock, "pending", int)()):     # (TLS: decrypted bytes)
-                    ready, _, _ = select.select([self.sock], [], [], self.timeout)
-                    if not ready:
-                        self._owed += 1
-                        raise ReplyTimeout(f"no reply within {self.timeout} s")
+                self._owed += 1                   # (until its first byte is read)
+                waiting = True
+                if not self._wait(self.timeout):
+                    raise ReplyTimeout(f"no reply within {self.timeout} s")
+                waiting = False
+                self._owed -= 1
                 return self._read_reply()
-            except ReplyTimeout:
+            except (ReplyTimeout, KeyboardInterrupt):
+                if not waiting:                   # (mid-frame: the stream is out of step)
+                    self._close()
                 raise
             except BaseException:
                 self._close()
                 raise
+
+    def _wait(self, timeout: float | None) -> bool:
+        """Wait until the next reply starts to arrive (False: ``timeout`` passed first),
+        without reading any of it: an interrupt here leaves the stream in step."""
+        if self._reader.buffered() or getattr(self.sock, "pending", int)():   # (TLS: decrypted)
+            return True
+        ready, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(ready)
 
     def _read_reply(self) -> dict:
         meta, payload = self._reader.read_meta()

@@ -394,3 +394,22 @@ def test_control_channel_runs_inside_tls(tmp_path, monkeypatch):
             assert c.ping() > 0
     finally:
         srv.close()
+
+
+def test_an_interrupt_while_waiting_keeps_the_channel_and_the_sessions(client):
+    """Ctrl-C (the notebook's stop button) during a long call: the caller gets
+    KeyboardInterrupt, the server finishes that call, its reply is dropped, and the next
+    calls work on the same sessions."""
+    import _thread
+    s = client.session(model="tiny-gpt2")
+    reference = s.generate(PROMPT, max_new_tokens=5, stop_at_eos=False).tokens
+    timer = threading.Timer(0.5, _thread.interrupt_main)
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            s.generate(PROMPT, max_new_tokens=1500, stop_at_eos=False)     # several seconds
+    finally:
+        timer.cancel()
+    assert not client._control.closed
+    assert s.info()["state"] == "finished"          # (waits for that generation to end)
+    assert s.generate(PROMPT, max_new_tokens=5, stop_at_eos=False).tokens == reference
