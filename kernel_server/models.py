@@ -92,8 +92,8 @@ class LoadedModel:
                 "layer_devices": [str(self.layer_device(i)) for i in range(self.num_layers)]}
 
 
-def find_layers(model: torch.nn.Module) -> list:
-    """The decoder blocks of a causal LM, in order (one function for every family)."""
+def layers_path(model: torch.nn.Module) -> str:
+    """The attribute path of a causal LM's decoder blocks (one function for every family)."""
     for path in _LAYER_PATHS:
         obj = model
         for part in path.split("."):
@@ -101,10 +101,18 @@ def find_layers(model: torch.nn.Module) -> list:
             if obj is None:
                 break
         if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
-            return list(obj)
+            return path
     raise UnsupportedModelError(
         f"cannot find the decoder layers of {type(model).__name__}: looked for "
         f"{', '.join(_LAYER_PATHS)}. Supported families: GPT-2, Llama/Mistral/Qwen, GPT-NeoX, OPT, MPT.")
+
+
+def find_layers(model: torch.nn.Module) -> list:
+    """The decoder blocks of a causal LM, in order."""
+    obj = model
+    for part in layers_path(model).split("."):
+        obj = getattr(obj, part)
+    return list(obj)
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -156,18 +156,8 @@ def placement(model: torch.nn.Module, layers: list) -> tuple[torch.device, list]
 
 
 def layers_path(model: torch.nn.Module) -> str:
-    from .models import _LAYER_PATHS
-    for path in _LAYER_PATHS:
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList) and len(obj) > 0:
-            return path
-    from .models import find_layers
-    find_layers(model)      # raises the clear UnsupportedModelError
-    raise AssertionError("unreachable")
+    from .models import layers_path as path
+    return path(model)
 
 
 def split_map(model: torch.nn.Module, layer_devices: list) -> dict:
