@@ -22,6 +22,7 @@ from djinn_nb.control import (ACK, ARRAY_MARK, MAX_META, FrameReader, decode_met
                               receive_arrays, send_frame)
 from djinn_nb.errors import DjinnError, InvalidArgumentError, LimitExceededError, ServerError
 from .service import invoke
+from .sessions import DEFERRED, reply_route
 
 log = logging.getLogger("kernel_server.control")
 
@@ -150,11 +151,27 @@ class ControlServer:
     def _serve(self, conn: socket.socket, service) -> None:
         reader = FrameReader(conn)
         limit = min(MAX_META, self.max_request_bytes)
+        # a deferred reply (kernel_server.sessions.reply_route) is sent by a generation
+        # thread; ``settled`` is clear until it has gone out, so replies never interleave
+        # even if a client sends its next request early. TLS sockets are not shared between
+        # threads (an SSL object is not safe for a read and a write at once): no direct route.
+        settled = threading.Event()
+        settled.set()
+
+        def send(reply: dict) -> None:
+            try:
+                self._reply(conn, reply)
+            except OSError as exc:      # the client went: the serving thread sees it too
+                log.info("a deferred reply could not be sent: %s", exc)
+            finally:
+                settled.set()
+        route = None if hasattr(conn, "cipher") else send
         while True:
             try:
                 meta, payload = reader.read_meta(limit)
             except EOFError:
                 return
+            settled.wait()
             if meta is None or len(meta) + payload > self.max_request_bytes:
                 log.warning("closing a control connection: a request frame is over the request "
                             "limit of %d bytes (--max-request-mb)", self.max_request_bytes)
@@ -176,7 +193,16 @@ class ControlServer:
             args = request["args"]
             if specs:
                 args = wire.fill_arrays(args, receive_arrays(reader, specs, payload))
-            self._reply(conn, self._dispatch(service, request["call"], args))
+            settled.clear()
+            reply_route.send = route
+            try:
+                reply = self._dispatch(service, request["call"], args)
+            finally:
+                reply_route.send = None
+            if reply.get("ok", None) is DEFERRED:
+                continue                  # the generation thread answers
+            settled.set()
+            self._reply(conn, reply)
 
     def _dispatch(self, service, name: str, args: dict) -> dict:
         found = self._calls.get((type(service), name))

@@ -9,6 +9,7 @@ attribute lookup and a set membership test.
 from __future__ import annotations
 
 import concurrent.futures
+import logging
 import queue
 import random
 import threading
@@ -23,6 +24,7 @@ from . import fast_decode
 from .interventions import EditOp, Interventions, apply_edit, apply_rule
 from .models import LoadedModel
 
+log = logging.getLogger("kernel_server.generation")
 _current = threading.local()
 # Generation workers are reused: on CUDA the first forward pass in a new thread costs
 # 60-90 ms (per-thread cuBLAS handles and workspaces; measured on an H200), a reused
@@ -158,6 +160,7 @@ class GenerationRun:
         self.hot_sites: frozenset = frozenset()    # (layer, site) off the residual stream
         self._events: queue.Queue = queue.Queue()
         self._commands: queue.Queue = queue.Queue()
+        self._deliver = None         # one-shot: the next event goes here, not to _events
         self._future = None
         self._phase = "prefill"
         self._fired_breaks: list[int] = []
@@ -196,11 +199,25 @@ class GenerationRun:
             raise
         return self._events.get()
 
-    def command(self, what: str) -> dict:
-        """Send ``resume`` / ``abort`` to the paused worker and wait for its next event."""
+    def command(self, what: str, deliver=None) -> dict | None:
+        """Send ``resume`` / ``abort`` to the paused worker and wait for its next event.
+        With ``deliver``: return None at once; the worker calls ``deliver(event)`` itself,
+        in its own thread, when the event happens (the control channel's direct reply: the
+        thread that computed the next pause answers the client, no hand-off back)."""
         self.pause = None
+        self._deliver = deliver
         self._commands.put(what)
-        return self._events.get()
+        return self._events.get() if deliver is None else None
+
+    def _emit(self, event: dict) -> None:
+        deliver, self._deliver = self._deliver, None
+        if deliver is None:
+            self._events.put(event)
+            return
+        try:
+            deliver(event)
+        except Exception:        # (it sends on a socket: never let that kill the worker)
+            log.exception("delivering a generation event failed")
 
     # ---- the worker -------------------------------------------------------------------
     def _worker(self) -> None:
@@ -212,18 +229,19 @@ class GenerationRun:
                 finally:   # fast decode: the KV cache leaves its static slot before any event
                     if getattr(self, "_fast", None) is not None:
                         self._fast.close()
-            self._events.put(self.finished_event())
+            event = self.finished_event()
         except _Aborted as why:
             self.stop_reason = str(why.args[0]) if why.args else "stopped"
-            self._events.put(self.finished_event())
+            event = self.finished_event()
         except DjinnError as exc:
-            self._events.put({"event": "error", "error": exc})
+            event = {"event": "error", "error": exc}
         except Exception as exc:  # a bug or a model failure: report it, keep the server up
-            self._events.put({"event": "error",
-                              "error": ServerError(f"generation failed: {type(exc).__name__}: {exc}")})
+            event = {"event": "error",
+                     "error": ServerError(f"generation failed: {type(exc).__name__}: {exc}")}
         finally:
             _current.run = None
             _ACTIVE.release()
+        self._emit(event)      # (last: the slot is free when the client hears of the end)
 
     def _decode_loop(self) -> None:
         from transformers import DynamicCache
@@ -325,7 +343,7 @@ class GenerationRun:
         t0 = time.perf_counter()
         lock.release()              # other sessions may compute while this one waits
         try:
-            self._events.put(point.event())
+            self._emit(point.event())
             try:
                 what = self._commands.get(timeout=self.pause_timeout)
             except queue.Empty:           # nobody came back: give the worker and memory back

@@ -239,8 +239,10 @@ def test_strangers_are_refused_and_the_server_stays_up(server, client):
         sock.recv(1)
         sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 64)
         assert sock.recv(1) == b""
-    # a real nonce works once; replaying it is refused
-    good = offer(client)
+    # a real nonce works once; replaying it is refused. (It is another client's offer: the
+    # channel opened with it closing below is that client's connection closing.)
+    other = dj.connect(server.address)
+    good = offer(other)
     nonce = bytes.fromhex(good["nonce"])
     with socket.create_connection((host, port), timeout=10) as first:
         assert handshake(first, nonce) == control.ACK
@@ -251,6 +253,7 @@ def test_strangers_are_refused_and_the_server_stays_up(server, client):
         meta_len, payload = reader.read_header()
         assert json.loads(reader.read(meta_len)) == {"ok": None} and payload == 0
     assert client.ping() > 0 and dj.connect(server.address).ping() > 0
+    other.close()
 
 
 def test_silent_stranger_is_dropped_after_the_handshake_timeout(server, client, monkeypatch):
@@ -413,3 +416,69 @@ def test_an_interrupt_while_waiting_keeps_the_channel_and_the_sessions(client):
     assert not client._control.closed
     assert s.info()["state"] == "finished"          # (waits for that generation to end)
     assert s.generate(PROMPT, max_new_tokens=5, stop_at_eos=False).tokens == reference
+
+
+# ---- the direct reply (kernel_server.sessions.reply_route) --------------------------------
+def test_resume_is_answered_by_the_generation_thread(server, client, monkeypatch):
+    """Over the control channel a resume's reply is sent by the generation thread that
+    computed the next pause (no hand-off back to the serving thread); the tokens are those
+    of an uninterrupted run, and a pipelined request is answered only after that reply."""
+    from kernel_server import control as server_control
+    senders = []
+    real = server_control.ControlServer._reply
+
+    def spy(conn, reply):
+        senders.append(threading.current_thread().name)
+        return real(conn, reply)
+    monkeypatch.setattr(server_control.ControlServer, "_reply", staticmethod(spy))
+    s = client.session(model="tiny-gpt2")
+    plain = s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False).tokens
+    s.breakpoint(layer=2)
+    ev = s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False)
+    senders.clear()
+    while ev.paused:
+        ev = s.resume()
+    assert ev.tokens == plain
+    assert senders and all(n.startswith("djinn-generation") for n in senders), senders
+    # a client that sends its next request before the reply: replies stay in order
+    ev = s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False)
+    assert ev.paused and ev.step == 1
+    ch = client._control
+    with ch._lock:
+        for name, args in (("resume", {"session": s.id}), ("session_info", {"session": s.id})):
+            control.send_frame(ch.sock, *control.ControlChannel.request(name, args))
+        first, second = ch._read_reply(), ch._read_reply()
+    assert first["ok"]["event"] == "paused" and first["ok"]["step"] == 2
+    assert second["ok"]["state"] == "paused"
+    assert s.stop().finished
+
+
+def test_closing_a_session_while_its_deferred_resume_runs_leaves_no_paused_worker(kernel):
+    """The session is closed (its client went) between a deferred resume and the next pause:
+    the generation thread aborts that pause itself and the worker ends."""
+    from kernel_server import sessions as S
+    session = kernel.sessions.open(kernel.models.get("tiny-gpt2"), owner="test")
+    session.set_breakpoint(layer=2)
+    assert session.generate(PROMPT, max_new_tokens=50, stop_at_eos=False)["event"] == "paused"
+    for close_first in (True, False):
+        if not close_first:
+            session = kernel.sessions.open(kernel.models.get("tiny-gpt2"), owner="test")
+            session.set_breakpoint(layer=2)
+            session.generate(PROMPT, max_new_tokens=50, stop_at_eos=False)
+        run, replies, got = session.run, [], threading.Event()
+        S.reply_route.send = lambda reply: (replies.append(reply), got.set())
+        try:
+            with session._lock:                 # (closing "first": before the worker's pause)
+                assert session.resume() is S.DEFERRED
+                if close_first:
+                    kernel.sessions.close(session.id, "test")
+        finally:
+            S.reply_route.send = None
+        assert got.wait(30)
+        if close_first:
+            assert replies[0]["error"]["type"] == "SessionClosedError"
+        else:
+            assert replies[0]["ok"]["event"] == "paused"
+            kernel.sessions.close(session.id, "test")
+        assert wait_for(run._future.done), "the generation worker is still waiting"
+        assert run.stop_reason == "stopped"
