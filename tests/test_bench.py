@@ -122,3 +122,17 @@ def test_report_renders_every_kind_and_leaves_unknown_blocks_alone(tmp_path):
         else:
             assert block == "old\n", n
     assert "kept\n" in new
+
+
+def test_cycle_trace_smoke(tmp_path):
+    """The pause-cycle trace patches a copy of the code at anchors that must still exist,
+    and every segment of a cycle is measured."""
+    out = tmp_path / "trace.json"
+    run = subprocess.run([sys.executable, "bench/cycle_trace.py", "--reps", "1", "--tokens", "6",
+                          "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    segments = json.loads(out.read_text())["segments"]
+    assert segments["cycle (c_call -> c_event)"]["n"] >= 4          # steps 2..5 paused
+    for a, b in [("c_call", "c_send"), ("s_recv", "s_parsed"), ("s_cmd", "w_wake"),
+                 ("w_pause", "s_reply"), ("s_reply", "c_ready"), ("c_reply", "c_event")]:
+        assert finite(segments[f"{a} -> {b}"]["median_us"])
