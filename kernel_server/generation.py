@@ -142,7 +142,8 @@ class GenerationRun:
         self.prompt_ids = list(state.prompt_ids)
         self.tokens: list[int] = list(state.tokens)
         self.step = state.step
-        self.records: list[dict] = list(state.records)
+        self._records: list[dict] = list(state.records)
+        self._raw_records: list[tuple] = []     # steps not yet turned into dicts (see records)
         self.logits: list = list(state.logits)
         self.seed = state.seed
         self.cache = cache           # None: a new, empty cache (the run starts with the prefill)
@@ -167,6 +168,28 @@ class GenerationRun:
         self._fired_rules: list[int] = []
         self._paused_s = 0.0
         self.refresh_hot_layers()
+
+    @property
+    def records(self) -> list[dict]:
+        """One dict per step. The decode loop keeps each step as a raw tuple (the top-k as
+        tensors where they were computed); the dicts, the token texts and the top-k lists are
+        made here, when somebody reads them (the result, a checkpoint): nothing of this runs
+        between a step's forward pass and the next one, and the top-k of all pending steps
+        come to the host in one copy."""
+        raw = self._raw_records
+        if raw:
+            self._raw_records = []
+            with torch.inference_mode():
+                ids = torch.stack([r[2] for r in raw]).tolist()
+                probs = torch.stack([r[3] for r in raw]).tolist()
+            decode = self.loaded.tokenizer.decode
+            self._records += [
+                {"step": step, "token_id": token_id, "text": decode([token_id]),
+                 "top_ids": top_ids, "top_probs": top_probs, "forward_ms": forward_ms,
+                 "paused_ms": paused_ms, "breakpoints": breaks, "rules": rules}
+                for (step, token_id, _, _, forward_ms, paused_ms, breaks, rules), top_ids, top_probs
+                in zip(raw, ids, probs)]
+        return self._records
 
     def boundary_state(self) -> GenState:
         """The state at the start of the current step (mid-forward: before this token)."""
@@ -272,14 +295,10 @@ class GenerationRun:
             if cfg.return_logits:
                 self.logits.append(logits[0].float().cpu().numpy())
             self.tokens.append(token_id)
-            total_ms = (t1 - t0) * 1e3
-            self.records.append({
-                "step": self.step, "token_id": token_id,
-                "text": loaded.tokenizer.decode([token_id]),
-                "top_ids": top_i[0].tolist(), "top_probs": top_p[0].tolist(),
-                "forward_ms": total_ms - self._paused_s * 1e3, "paused_ms": self._paused_s * 1e3,
-                "breakpoints": self._fired_breaks, "rules": self._fired_rules,
-            })
+            paused_ms = self._paused_s * 1e3
+            self._raw_records.append((self.step, token_id, top_i[0], top_p[0],
+                                      (t1 - t0) * 1e3 - paused_ms, paused_ms,
+                                      self._fired_breaks, self._fired_rules))
             self.step += 1
             next_input = token.view(1, 1)
             if cfg.stop_at_eos and token_id in eos:
