@@ -42,11 +42,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="serve only --model; refuse sessions that name another model")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--fast-decode", choices=("auto", "off"),
-                   default=os.environ.get("DJINN_FAST_DECODE", "off"),
+                   default=os.environ.get("DJINN_FAST_DECODE", "auto"),
                    help="decode steps with no breakpoint as CUDA-graph replays on a static KV "
-                        "cache, steering rules inside the graph: auto (on CUDA; off on CPU) or "
-                        "off (default %(default)s: graphs are opt-in until a bfloat16 "
-                        "restore-vs-fresh token mismatch seen on a Llama-1B is understood)")
+                        "cache, steering rules inside the graph: auto (on CUDA; CPU decodes "
+                        "eagerly) or off (every step eager on a DynamicCache); default %(default)s")
     d = Limits()
     p.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)

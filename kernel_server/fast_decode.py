@@ -22,16 +22,22 @@ the GPU. When no breakpoint is hot for a step, the step is one ``CUDAGraph.repla
   restores of a finished run never see a slot.
 
 The static attention covers the whole slot (masked past the context), so fast-mode logits
-match the eager DynamicCache ones to rounding (a different SDPA kernel and reduction
-length), not bit for bit. Within fast mode the invariants of the design hold bit for bit:
+match the eager DynamicCache ones to rounding (a longer, masked reduction; on CPU also
+another SDPA kernel), not bit for bit. Within fast mode the invariants of the design hold bit for bit:
 the eager fallback step on the static cache and the graph replay run the same kernels, and
 the in-graph steering math equals ``apply_edit`` exactly (a scale is multiplied in the op's
 math type as a Python scalar would be; ``alpha * vector`` is pre-computed by the same
 expression).
 
-Modes (server option ``--fast-decode``, or $DJINN_FAST_DECODE): ``off`` (the default, see
-``_mode`` below for why); ``auto`` - CUDA graphs on a CUDA device, off on CPU; ``static`` - the static cache and the in-graph math
-without graph capture, on any device (tests on CPU, debugging).
+Every run is bit-reproducible on a GPU as on CPU: a fresh run, a restored checkpoint
+and a repeated run give the same logits, in float32 and in bfloat16, because single-query
+attention takes a deterministic kernel there (kernel_server/exact_attention.py; the fused
+SDPA kernels were the cause of a restore-vs-fresh mismatch first blamed on the graphs).
+
+Modes (server option ``--fast-decode``, or $DJINN_FAST_DECODE): ``auto`` (the default) -
+CUDA graphs on a CUDA device, off on CPU; ``off`` - every step eager on a DynamicCache;
+``static`` - the static cache and the in-graph math without graph capture, on any device
+(tests on CPU, debugging).
 """
 from __future__ import annotations
 
@@ -45,11 +51,9 @@ import torch
 log = logging.getLogger("kernel_server.fast_decode")
 
 MODES = ("auto", "off", "static")
-# off by default: on an H200, a steering sweep from a checkpoint on a random-init Llama-1B
-# in bfloat16 gave other tokens than fresh generations with graphs on (and the same with
-# them off; bench/results/fast_decode_exactness_cuda.json): until that is understood, the
-# exact eager path is the default and graphs are opt-in (--fast-decode auto)
-_mode = os.environ.get("DJINN_FAST_DECODE", "off")
+# auto: graphs on CUDA, CPU unchanged (bench/results/fast_decode_exactness_cuda.json: a
+# steering sweep from a checkpoint reproduces fresh generations bit for bit, graphs on or off)
+_mode = os.environ.get("DJINN_FAST_DECODE", "auto")
 #: static-cache slots per model (each holds one run's KV cache and its own graphs)
 MAX_SLOTS = int(os.environ.get("DJINN_FAST_DECODE_SLOTS", "4"))
 MIN_BUCKET = 256            # smallest static cache, in positions (sizes are powers of two)

@@ -61,6 +61,11 @@ class LoadedModel:
     device_map: dict | None = None
     layer_devices: list = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # decode steps on CUDA must be bit-reproducible (kernel_server/exact_attention.py)
+        from . import exact_attention
+        exact_attention.install()
+
     def layer_device(self, index: int) -> torch.device:
         """Where decoder layer ``index`` computes (its hidden state and KV cache live there)."""
         return self.layer_devices[index] if self.layer_devices else self.device
