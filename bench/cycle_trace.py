@@ -194,7 +194,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="djinn-trace-") as tmp:
         tmp = Path(tmp)
         traced_copy(tmp)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp), str(ROOT)]),
+        path = [str(tmp), str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path),
                    DJINN_CYCLE_TRACE=str(tmp / "marks"), HF_HUB_OFFLINE="1")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_client", "--model", args.model,
                "--device", args.device, "--tokens", str(args.tokens), "--reps", str(args.reps)]

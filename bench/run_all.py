@@ -46,6 +46,7 @@ def commands(args) -> list[tuple[str, list[str]]]:
     else:
         shape, ck_dtype = args.checkpoint_shape or "smollm2-shape", args.dtype or "float32"
         contexts, sweep_context = ["1024"], "512"
+    sweep_context = str(args.sweep_context or sweep_context)
     smoke = ["--smoke"] if args.smoke else []
     runs = {
         "decode": ["bench/decode_bench.py", *model, *out("decode"), "--reps", str(args.reps)],
@@ -73,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default=None, help="float32 / float16 / bfloat16 (default per device)")
     p.add_argument("--checkpoint-shape", default=None, help="random-init shape for the checkpoint "
                    "benchmark (default smollm2-shape on cpu, llama-1b on cuda)")
+    p.add_argument("--sweep-context", type=int, default=None, help="prompt tokens of the sweep "
+                   "(default 512 on cpu, 1024 on cuda; GPT-2 takes 1024 positions in all)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--tag", default="", help="suffix of every result name")
     p.add_argument("--out", default=str(RESULTS), help="results directory")

@@ -98,6 +98,7 @@ def run_pass(loaded: LoadedModel, ids: list[int], fp: ForwardPass, logits_to_kee
     """One forward pass over ``ids`` with ``fp`` dispatched by the layer hooks; the logits
     of the last ``logits_to_keep`` positions, float32, [positions, vocab]. ``lock=False``:
     the caller holds the model's compute lock."""
+    loaded.check_context(len(ids), f"a pass over {len(ids)} tokens")
     generation.install_layer_hooks(loaded)
     x = torch.tensor([ids], device=loaded.device)
     previous = getattr(generation._current, "run", None)

@@ -228,6 +228,8 @@ class Slot:
     graphs: dict = field(default_factory=dict)   # signature -> _Graph (insertion order = LRU)
     busy: bool = False
     initialized: bool = False
+    private: bool = False         # not in the pool (all pooled slots busy): no graphs
+
 
     def set_length(self, length: int) -> None:
         for layer in self.cache.layers:
@@ -261,21 +263,29 @@ class FastDecoder:
         if self.unsupported:
             log.info("fast decode off for %s: %s", loaded.name, self.unsupported)
 
-    def acquire(self, need: int) -> Slot | None:
+    def acquire(self, need: int) -> Slot:
+        """A static cache of exactly ``_bucket(need)`` positions. Exactly: the masked
+        attention reduces over the whole cache, so its length is part of the numbers, and a
+        run must not get other logits because a bigger slot happened to be free. A pooled
+        slot when one is free or can be made (its graphs are kept); else a private one
+        without graphs (the same kernels, eagerly: the same numbers), freed with the run."""
+        size = _bucket(need)
         with self.lock:
-            free = [s for s in self.slots if not s.busy and s.max_len >= need]
+            free = [s for s in self.slots if not s.busy and s.max_len == size]
             if not free:
                 if len(self.slots) >= MAX_SLOTS:
                     idle = [s for s in self.slots if not s.busy]
                     if not idle:
                         self.stats["no_slot"] += 1
-                        return None
+                        slot = self._new_slot(size)
+                        slot.private, slot.stream, slot.busy = True, None, True
+                        return slot
                     victim = min(idle, key=lambda s: s.max_len)
                     victim.drop()
                     self.slots.remove(victim)
-                free = [self._new_slot(_bucket(need))]
+                free = [self._new_slot(size)]
                 self.slots.append(free[0])
-            slot = min(free, key=lambda s: s.max_len)
+            slot = free[0]
             slot.busy = True
             return slot
 
@@ -386,7 +396,8 @@ class FastRun:
         entry.buffers.bind(plan.rules)
         run._fired_rules = list(plan.fired)
         self.stats["graph_steps"] += 1
-        if entry.graph is None and self.decoder.mode == "graph" and not self.decoder.graphs_broken:
+        if (entry.graph is None and self.decoder.mode == "graph" and not slot.private
+                and not self.decoder.graphs_broken):
             self._capture(entry, position)
         if entry.graph is None:                 # static mode: the graph's math, run eagerly
             return self._through_proxy(entry)
@@ -460,9 +471,6 @@ class FastRun:
         length = len(run.tokens) - 1
         need = length + (run.config.max_new_tokens - run.step)
         slot = self.decoder.acquire(need)
-        if slot is None:
-            self.disabled = "no free static-cache slot"
-            return False
         try:
             layers = list(run.cache.layers)
             for i, (src, dst) in enumerate(zip(layers, slot.cache.layers)):

@@ -66,6 +66,22 @@ class LoadedModel:
         from . import exact_attention
         exact_attention.install()
 
+    @property
+    def max_positions(self) -> int | None:
+        """Positions the model can take (learned position embeddings end there: GPT-2's
+        1024; past it a CUDA kernel asserts and the process's CUDA context is lost)."""
+        cfg = self.model.config
+        n = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        return int(n) if n else None
+
+    def check_context(self, positions: int, what: str = "this pass") -> None:
+        """A typed error, before any computation, when ``positions`` do not fit the model."""
+        limit = self.max_positions
+        if limit is not None and positions > limit:
+            from djinn_nb.errors import LimitExceededError
+            raise LimitExceededError(f"{what} needs {positions} positions but {self.name} takes at "
+                                     f"most {limit}; use a shorter prompt or fewer new tokens")
+
     def layer_device(self, index: int) -> torch.device:
         """Where decoder layer ``index`` computes (its hidden state and KV cache live there)."""
         return self.layer_devices[index] if self.layer_devices else self.device
@@ -92,7 +108,7 @@ class LoadedModel:
         return {"model": self.name, "layers": self.num_layers, "hidden_size": self.hidden_size,
                 "vocab_size": self.vocab_size, "device": str(self.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "architecture": type(self.model).__name__,
+                "architecture": type(self.model).__name__, "max_positions": self.max_positions,
                 "devices": [str(d) for d in self.devices],
                 "layer_devices": [str(self.layer_device(i)) for i in range(self.num_layers)]}
 

@@ -108,9 +108,12 @@ class Session:
                                              f"limit {lim.max_batch}")
                 rows = [V.prompt_ids(p, self.loaded.tokenizer, chat, lim, self.loaded.vocab_size)
                         for p in prompt]
+                self.loaded.check_context(max(map(len, rows)) + max_new,
+                                          "the longest prompt plus max_new_tokens")
                 self.run = BatchRun(self.loaded, rows, config, self.interventions)
             else:
                 ids = V.prompt_ids(prompt, self.loaded.tokenizer, chat, lim, self.loaded.vocab_size)
+                self.loaded.check_context(len(ids) + max_new, "the prompt plus max_new_tokens")
                 self.run = GenerationRun(self.loaded, GenState.fresh(ids, config), self.interventions)
             self.run.pause_timeout = lim.pause_timeout_s
             self.state = RUNNING

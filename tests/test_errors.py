@@ -156,3 +156,19 @@ def test_lost_connection_is_a_typed_error(kernel):
     with pytest.raises(dj.ConnectionLostError) as e:
         dj.connect(srv.address)
     assert_clean(e, "cannot reach")
+
+
+def test_context_longer_than_the_model_takes(s):
+    """Past a model's positions (tiny-gpt2: 2048; GPT-2: 1024) a CUDA kernel would assert and
+    lose the process's CUDA context: refused first, with a typed error, and nothing changes."""
+    limit = s.info()["max_positions"]
+    assert limit == 2048
+    ids = [11] * (limit - 4)
+    with pytest.raises(dj.LimitExceededError, match="positions"):
+        s.generate(ids, max_new_tokens=8)
+    with pytest.raises(dj.LimitExceededError, match="positions"):
+        s.generate([ids, [11, 12]], max_new_tokens=8)
+    with pytest.raises(dj.LimitExceededError, match="positions"):
+        s.score(ids + [11] * 8)
+    assert s.generate(ids, max_new_tokens=4).tokens            # what fits still runs
+    assert s.generate(PROMPT, max_new_tokens=3).tokens

@@ -524,23 +524,44 @@ def test_site_rules_run_eagerly_on_the_static_cache(mode):
     assert no_busy_slots(loaded)
 
 
-def test_no_free_slot_decodes_eagerly(monkeypatch, mode):
+def test_no_free_slot_gives_the_same_numbers_on_a_private_slot(monkeypatch, mode):
+    """All pooled slots busy: the run gets a private static cache of its own bucket size
+    (no graphs), so its logits are those of a run in a pooled slot, bit for bit; whether a
+    slot was free never changes a result."""
     loaded = get_model("tiny-gpt2", device_for(mode))
     monkeypatch.setattr(fast_decode, "MAX_SLOTS", 1)
     monkeypatch.setattr(loaded, "_fast_decoder", None, raising=False)   # a pool of one slot
     a, b = session(loaded), session(loaded)
+    pooled = generate(b)                                    # alone: in the pooled slot
+    assert b.run._fast.stats["graph_steps"] == N - 1 and not b.run._fast.disabled
     a.set_breakpoint(layer=4, steps=[3])
     ev = a.generate(PROMPTS[0], max_new_tokens=N, stop_at_eos=False)
     assert ev["event"] == "paused"                          # holds the only slot while paused
-    res = generate(b)
-    assert b.run._fast.disabled == "no free static-cache slot"
-    assert_exact(res, eager(b))                             # plain eager decode, bit for bit
+    private = generate(b)
+    assert loaded._fast_decoder.stats["no_slot"] == 1 and not b.run._fast.disabled
+    assert b.run._fast.stats["captures"] == 0               # no graphs on a private slot
+    assert_exact(private, pooled)
+    assert len(loaded._fast_decoder.slots) == 1             # the private slot never joined
     a.stop()                                                # the slot comes back on stop
     assert no_busy_slots(loaded)
     assert type(a.run.cache).__name__ == "DynamicCache"
     assert a.run.cache.get_seq_length() == len(a.run.tokens) - 1
-    res = generate(b)
-    assert b.run._fast.disabled is None and b.run._fast.stats["graph_steps"] == N - 1
+
+
+def test_a_bigger_free_slot_is_not_taken(monkeypatch, mode):
+    """A run decodes in a cache of its own bucket size even when a bigger slot is idle (the
+    masked reduction's length is part of the numbers)."""
+    loaded = get_model("tiny-gpt2", device_for(mode))
+    monkeypatch.setattr(loaded, "_fast_decoder", None, raising=False)
+    s = session(loaded)
+    small = generate(s)                                     # in a slot of MIN_BUCKET positions
+    monkeypatch.setattr(loaded, "_fast_decoder", None, raising=False)   # a new, empty pool
+    s.generate(PROMPTS[0], max_new_tokens=fast_decode.MIN_BUCKET + 8, stop_at_eos=False)
+    assert [x.max_len for x in loaded._fast_decoder.slots] == [2 * fast_decode.MIN_BUCKET]
+    assert_exact(generate(s), small)                        # not in the idle bigger slot
+    sizes = sorted(x.max_len for x in loaded._fast_decoder.slots)
+    assert sizes == [fast_decode.MIN_BUCKET, 2 * fast_decode.MIN_BUCKET]
+    assert no_busy_slots(loaded)
 
 
 def test_out_of_memory_for_a_static_cache_decodes_eagerly(monkeypatch):
