@@ -266,7 +266,10 @@ def run(args) -> dict:
     logit_bytes, logit_gbs = logits["bytes"], logits["gb_s"]
     raw_logits = raw_loopback(logit_bytes, max(args.reps, 5))
     out.update({
-        "pause_overhead_vs_raw_rtt": out["pause_resume_overhead_ms"] / out["raw_socket_rtt_ms"],
+        # against the faster of the two samplings of the raw round trip (it swings with the
+        # VM's idle state): the ratio is never flattered by a slow baseline
+        "pause_overhead_vs_raw_rtt": out["pause_resume_overhead_ms"] / min(
+            out["raw_socket_rtt_ms"], out["raw_socket_rtt_ping_phase_ms"]),
         "pause_overhead_vs_raw_step": out["pause_resume_overhead_ms"] / out["raw_step_overhead_ms"],
         "control_ping_vs_raw_rtt": out["control_ping_ms"] / out["raw_socket_rtt_ping_phase_ms"],
         "activation_bytes": act_bytes, "activation_gb_s": act_gbs,
@@ -300,11 +303,12 @@ def plot(d: dict, name: str, out_dir: Path) -> Path:
     ax[0].set_ylabel("ms per generated token (client-observed)")
     ax[0].set_title(f"decode: hooks/plain {d['hooks_vs_plain']:.3f}, "
                     f"steered/none {d['steered_vs_unsteered']:.3f}")
-    bars = {"raw socket\nRTT": d["raw_socket_rtt_ms"], "raw socket\n+ step": d["raw_step_overhead_ms"],
+    rtt = min(d["raw_socket_rtt_ms"], d["raw_socket_rtt_ping_phase_ms"])   # (as the ratio)
+    bars = {"raw socket\nRTT": rtt, "raw socket\n+ step": d["raw_step_overhead_ms"],
             "control\nping": d["control_ping_ms"], "cycle\n(control)": d["pause_resume_overhead_ms"],
             "rpyc\nping": d["rpyc_ping_ms"], "cycle\n(rpyc)": d["rpyc_pause_resume_overhead_ms"]}
     ax[1].bar(list(bars), list(bars.values()), color=["grey", "grey", "C0", "C0", "C1", "C1"])
-    ax[1].axhline(2 * d["raw_socket_rtt_ms"], ls="--", color="k", lw=1, label="target: 2x raw RTT")
+    ax[1].axhline(2 * rtt, ls="--", color="k", lw=1, label="target: 2x raw RTT")
     ax[1].set_ylabel("ms")
     ax[1].set_title(f"pause->resume->pause beyond compute: {d['pause_overhead_vs_raw_rtt']:.1f}x raw RTT")
     ax[1].legend()
