@@ -68,6 +68,8 @@ def write_result(name: str, result: dict, out_dir: Path = RESULTS) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.json"
+    import datetime
+    result.setdefault("date", datetime.date.today().isoformat())     # (the README tables show it)
     path.write_text(json.dumps(result, indent=2, sort_keys=True))
     return path
 

@@ -215,7 +215,7 @@ def main(argv=None) -> int:
         import torch
         Path(args.out).write_text(json.dumps({
             "benchmark": "cycle_trace", "model": args.model, "device": args.device,
-            "dtype": args.dtype,
+            "dtype": args.dtype, "date": __import__("datetime").date.today().isoformat(),
             "env": environment(torch.device(args.device)), "command": command_line(),
             "segments": result}, indent=1))
     return 0

@@ -33,8 +33,9 @@ def _where(d: dict) -> str:
 def _heading(d: dict, what: str) -> str:
     env = d["env"]
     command = d["command"].removeprefix("python ")
-    return (f"`{command}` — {_where(d)}, torch {env['torch']}, transformers {env['transformers']}, "
-            f"{what}")
+    date = f", {d['date']}" if d.get("date") else ""
+    return (f"`{command}` — {_where(d)}{date}, torch {env['torch']}, transformers "
+            f"{env['transformers']}, {what}")
 
 
 def _spread(r: dict) -> str:

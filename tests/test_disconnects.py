@@ -93,7 +93,7 @@ def test_killed_server_gives_a_clear_error_then_reconnect_and_continue(tmp_path)
         def long_generation():
             t0 = time.monotonic()
             try:
-                s.generate(PROMPT, max_new_tokens=4000, stop_at_eos=False)
+                s.generate(PROMPT, max_new_tokens=2000, stop_at_eos=False)
                 outcome["error"] = None
             except dj.DjinnError as exc:
                 outcome["error"] = exc
