@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, command_line, environment, median_ms, pyplot, random_llama,  # noqa: E402
-                    save_plot, smoke_dir, sync, write_result)
+from common import (command_line, environment, finish, median_ms, pyplot, random_llama,  # noqa: E402
+                    RESULTS, save_plot, sync)
 from kernel_server.checkpoints import CheckpointStore, cache_from_host  # noqa: E402
 from kernel_server.sessions import Session  # noqa: E402
 from kernel_server.validation import Limits  # noqa: E402
@@ -137,10 +137,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with torch.inference_mode():
         result = run(args)
-    name = args.name or f"checkpoint_{torch.device(args.device).type}"
-    out_dir = smoke_dir() if args.smoke else Path(args.out)
-    print("wrote", write_result(name, result, out_dir), plot(result, name, out_dir))
-    return 0
+    return finish(args, result, "checkpoint", plot)
 
 
 def plot(d: dict, name: str, out_dir: Path) -> Path:

@@ -212,6 +212,19 @@ def save_plot(fig, name: str, out_dir: Path = RESULTS) -> Path:
     return path
 
 
+def finish(args, result: dict, kind: str, plot) -> int:
+    """A benchmark's end: its scalar results on stdout, then ``<kind>_<device>.json`` (or
+    ``--name``) and its PNG ``plot(result, name, out_dir)``; a ``--smoke`` run writes to a
+    temporary directory, never over the committed results."""
+    import torch
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
+           if not isinstance(v, (dict, list))})
+    name = args.name or f"{kind}_{torch.device(args.device).type}"
+    out_dir = smoke_dir() if args.smoke else Path(args.out)
+    print("wrote", write_result(name, result, out_dir), plot(result, name, out_dir))
+    return 0
+
+
 def smoke_dir() -> Path:
     """Where a --smoke run writes (never over the committed results)."""
     import tempfile

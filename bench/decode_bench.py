@@ -33,9 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, command_line, connect, environment, load_local,  # noqa: E402
-                    paired_ratio, pyplot, RawEcho, raw_loopback, save_plot, smoke_dir,
-                    start_server, sync, write_result)
+from common import (command_line, connect, environment, finish, load_local, paired_ratio,  # noqa: E402
+                    pyplot, raw_loopback, RawEcho, RESULTS, save_plot, start_server, sync)
 
 import djinn_nb as dj  # noqa: E402
 
@@ -265,11 +264,11 @@ def run(args) -> dict:
     logits = logits_rate(s, prompt_ids, args.logit_steps, args.reps)
     logit_bytes, logit_gbs = logits["bytes"], logits["gb_s"]
     raw_logits = raw_loopback(logit_bytes, max(args.reps, 5))
+    # the pause cycle's baseline: the faster of the two samplings of the raw round trip (it
+    # swings with the VM's idle state), so a slow baseline never flatters the ratio
+    out["pause_baseline_rtt_ms"] = min(out["raw_socket_rtt_ms"], out["raw_socket_rtt_ping_phase_ms"])
     out.update({
-        # against the faster of the two samplings of the raw round trip (it swings with the
-        # VM's idle state): the ratio is never flattered by a slow baseline
-        "pause_overhead_vs_raw_rtt": out["pause_resume_overhead_ms"] / min(
-            out["raw_socket_rtt_ms"], out["raw_socket_rtt_ping_phase_ms"]),
+        "pause_overhead_vs_raw_rtt": out["pause_resume_overhead_ms"] / out["pause_baseline_rtt_ms"],
         "pause_overhead_vs_raw_step": out["pause_resume_overhead_ms"] / out["raw_step_overhead_ms"],
         "control_ping_vs_raw_rtt": out["control_ping_ms"] / out["raw_socket_rtt_ping_phase_ms"],
         "activation_bytes": act_bytes, "activation_gb_s": act_gbs,
@@ -303,7 +302,7 @@ def plot(d: dict, name: str, out_dir: Path) -> Path:
     ax[0].set_ylabel("ms per generated token (client-observed)")
     ax[0].set_title(f"decode: hooks/plain {d['hooks_vs_plain']:.3f}, "
                     f"steered/none {d['steered_vs_unsteered']:.3f}")
-    rtt = min(d["raw_socket_rtt_ms"], d["raw_socket_rtt_ping_phase_ms"])   # (as the ratio)
+    rtt = d["pause_baseline_rtt_ms"]
     bars = {"raw socket\nRTT": rtt, "raw socket\n+ step": d["raw_step_overhead_ms"],
             "control\nping": d["control_ping_ms"], "cycle\n(control)": d["pause_resume_overhead_ms"],
             "rpyc\nping": d["rpyc_ping_ms"], "cycle\n(rpyc)": d["rpyc_pause_resume_overhead_ms"]}
@@ -354,12 +353,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.items()
-           if not isinstance(v, (dict, list))})
-    name = args.name or f"decode_{torch.device(args.device).type}"
-    out_dir = smoke_dir() if args.smoke else Path(args.out)
-    print("wrote", write_result(name, result, out_dir), plot(result, name, out_dir))
-    return 0
+    return finish(args, result, "decode", plot)
 
 
 if __name__ == "__main__":

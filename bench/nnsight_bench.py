@@ -31,8 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, command_line, connect, environment, load_local,  # noqa: E402
-                    paired_ratio, pyplot, save_plot, smoke_dir, start_server, sync, write_result)
+from common import (command_line, connect, environment, finish, load_local, paired_ratio,  # noqa: E402
+                    pyplot, RESULTS, save_plot, start_server, sync)
 
 PROMPT = "The capital of France is"
 med = statistics.median
@@ -200,14 +200,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
-           if not isinstance(v, (dict, list))})
     print({k: round(result[k]["median"], 3) for k in ("djinn_vs_nnsight", "djinn_vs_hook",
                                                       "nnsight_vs_hook")})
-    name = args.name or f"nnsight_{torch.device(args.device).type}"
-    out_dir = smoke_dir() if args.smoke else Path(args.out)
-    print("wrote", write_result(name, result, out_dir), plot(result, name, out_dir))
-    return 0
+    return finish(args, result, "nnsight", plot)
 
 
 if __name__ == "__main__":

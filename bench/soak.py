@@ -35,11 +35,17 @@ def one_round(s, prompt: str, index: int, tokens: int) -> list:
 
 
 def run_load(address: str, clients: int = 8, seconds: float = 10.0, tokens: int = 6,
-             model: str | None = None) -> dict:
+             model: str | None = None, round_fn=None) -> dict:
+    """``clients`` threads, each with its own connection, looping ``round_fn(session, i)``
+    (default: ``one_round``) for ``seconds`` and comparing each round's tokens with the same
+    round run alone first."""
+    if round_fn is None:
+        def round_fn(s, i):
+            return one_round(s, PROMPTS[i % len(PROMPTS)], i, tokens)
     # the solo runs: one client at a time
     with dj.connect(address) as c:
         s = c.session(model=model)
-        solo = {i: one_round(s, PROMPTS[i % len(PROMPTS)], i, tokens) for i in range(clients)}
+        solo = {i: round_fn(s, i) for i in range(clients)}
     stats = {"rounds": 0, "errors": [], "mismatches": 0}
     lock = threading.Lock()
     deadline = time.monotonic() + seconds
@@ -49,7 +55,7 @@ def run_load(address: str, clients: int = 8, seconds: float = 10.0, tokens: int 
             with dj.connect(address) as c:
                 s = c.session(model=model)
                 while time.monotonic() < deadline:
-                    got = one_round(s, PROMPTS[i % len(PROMPTS)], i, tokens)
+                    got = round_fn(s, i)
                     with lock:
                         stats["rounds"] += 1
                         stats["mismatches"] += got != solo[i]

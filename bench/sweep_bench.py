@@ -28,8 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (RESULTS, command_line, connect, environment, pyplot, save_plot,  # noqa: E402
-                    smoke_dir, start_server, write_result)
+from common import (command_line, connect, environment, finish, pyplot, RESULTS, save_plot,  # noqa: E402
+                    start_server)
 
 med = statistics.median
 
@@ -172,12 +172,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
-    print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()
-           if not isinstance(v, (dict, list))})
-    name = args.name or f"sweep_{torch.device(args.device).type}"
-    out_dir = smoke_dir() if args.smoke else Path(args.out)
-    print("wrote", write_result(name, result, out_dir), plot(result, name, out_dir))
-    return 0
+    return finish(args, result, "sweep", plot)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,12 @@ _BY_NAME = {cls.__name__: cls for cls in [
 ]}
 
 
+def error_reply(exc: DjinnError) -> dict:
+    """How the server sends ``exc`` (rpyc and the control channel alike); ``error_class``
+    turns its ``type`` back into the class on the client."""
+    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+
+
 def error_class(name: str) -> type[DjinnError]:
     """The error class for a code sent by the server (unknown codes become ``ServerError``)."""
     return _BY_NAME.get(name, ServerError)

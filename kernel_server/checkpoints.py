@@ -21,7 +21,7 @@ import torch
 from djinn_nb import __version__
 from djinn_nb.errors import CheckpointError, DjinnError, LimitExceededError
 from .generation import GenerationConfig, GenState
-from .interventions import Breakpoint, EditOp, Interventions, SteeringRule
+from .interventions import Breakpoint, Interventions, SteeringRule
 from .models import LoadedModel
 
 FORMAT = "djinn-checkpoint/1"
@@ -520,7 +520,7 @@ def _checked_checkpoint(meta: dict, tensors: dict, loaded: LoadedModel, owner: s
     from . import validation as V
     limits = limits or V.Limits()
     n_layers, vocab = loaded.num_layers, loaded.vocab_size
-    dev, dtype = loaded.device, loaded.dtype
+    dtype = loaded.dtype
     config_fields = set(GenerationConfig.__dataclass_fields__)
     if not isinstance(meta["config"], dict) or set(meta["config"]) - config_fields:
         raise CheckpointError("invalid checkpoint contents: unknown generation settings")

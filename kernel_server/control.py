@@ -20,7 +20,8 @@ from djinn_nb import wire
 from djinn_nb.bulk import NONCE_BYTES, recv_exact
 from djinn_nb.control import (ACK, ARRAY_MARK, MAX_META, FrameReader, decode_meta,
                               receive_arrays, send_frame)
-from djinn_nb.errors import DjinnError, InvalidArgumentError, LimitExceededError, ServerError
+from djinn_nb.errors import (DjinnError, InvalidArgumentError, LimitExceededError, ServerError,
+                             error_reply)
 from .service import invoke
 from .sessions import DEFERRED, reply_route
 
@@ -188,7 +189,7 @@ class ControlServer:
                                                "the frame's payload length")
             except DjinnError as exc:
                 reader.skip(payload)
-                self._reply(conn, _error(exc))
+                self._reply(conn, error_reply(exc))
                 continue
             args = request["args"]
             if specs:
@@ -211,7 +212,7 @@ class ControlServer:
             if fn is None and name.isidentifier():
                 fn = getattr(getattr(type(service), "exposed_" + name, None), "__wrapped__", None)
             if fn is None:
-                return _error(InvalidArgumentError(f"unknown call {name!r}"))
+                return error_reply(InvalidArgumentError(f"unknown call {name!r}"))
             found = self._calls[(type(service), name)] = (fn, inspect.signature(fn))
         return invoke(found[0], service, args, found[1])
 
@@ -220,16 +221,12 @@ class ControlServer:
         try:
             meta, blobs = wire.pack_views(reply)
         except DjinnError as exc:                  # a result that cannot be sent
-            meta, blobs = wire.pack_views(_error(exc))
+            meta, blobs = wire.pack_views(error_reply(exc))
         except Exception as exc:
             log.exception("cannot encode a reply")
-            meta, blobs = wire.pack_views(_error(ServerError(f"the reply could not be encoded: "
+            meta, blobs = wire.pack_views(error_reply(ServerError(f"the reply could not be encoded: "
                                                              f"{type(exc).__name__}: {exc}")))
         send_frame(conn, meta.encode(), blobs)
-
-
-def _error(exc: DjinnError) -> dict:
-    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
 
 
 def _shutdown(sock: socket.socket) -> None:

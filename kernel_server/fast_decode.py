@@ -119,7 +119,7 @@ def plan_step(interventions, step: int, position: int, ignore_breakpoints: bool 
         if not rule.matches(rule.layer, step, phase):
             continue
         fired.setdefault(rule.layer, []).append(rule.id)
-        if getattr(rule, "site", "resid") != "resid" or getattr(rule.op, "head", None) is not None:
+        if rule.site != "resid" or rule.op.head is not None:
             return StepPlan("rule off the residual stream")   # kernel_server.sites: eager hooks
         if rule.steps is not None:
             return StepPlan("step-limited rule")
@@ -277,9 +277,7 @@ class FastDecoder:
                     idle = [s for s in self.slots if not s.busy]
                     if not idle:
                         self.stats["no_slot"] += 1
-                        slot = self._new_slot(size)
-                        slot.private, slot.stream, slot.busy = True, None, True
-                        return slot
+                        return self._new_slot(size, private=True)
                     victim = min(idle, key=lambda s: s.max_len)
                     victim.drop()
                     self.slots.remove(victim)
@@ -300,14 +298,17 @@ class FastDecoder:
             if slot in self.slots:
                 self.slots.remove(slot)
 
-    def _new_slot(self, max_len: int) -> Slot:
+    def _new_slot(self, max_len: int, private: bool = False) -> Slot:
+        """A slot of ``max_len`` positions; a private one is busy already and never captures
+        (no capture stream)."""
         from transformers import StaticCache
         loaded = self.loaded
         dev = loaded.device
         cache = StaticCache(config=loaded.model.config, max_cache_len=max_len)
-        stream = torch.cuda.Stream(device=dev) if self.mode == "graph" else None
+        stream = torch.cuda.Stream(device=dev) if self.mode == "graph" and not private else None
         return Slot(cache, max_len, torch.zeros((1, 1), dtype=torch.long, device=dev),
-                    torch.ones((1, max_len), dtype=torch.long, device=dev), stream)
+                    torch.ones((1, max_len), dtype=torch.long, device=dev), stream,
+                    busy=private, private=private)
 
 
 def _unsupported(loaded) -> str | None:
@@ -315,7 +316,7 @@ def _unsupported(loaded) -> str | None:
     from transformers import DynamicCache, StaticCache
     from transformers.cache_utils import DynamicLayer, StaticLayer
     cfg = loaded.model.config
-    if getattr(loaded, "device_map", None) is not None:    # accelerate hooks, several devices
+    if loaded.device_map is not None:    # accelerate hooks, several devices
         return "a model placed by a device map (kernel_server.sharding)"
     if getattr(cfg, "is_encoder_decoder", False):
         return "encoder-decoder model"

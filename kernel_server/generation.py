@@ -162,6 +162,7 @@ class GenerationRun:
         self._events: queue.Queue = queue.Queue()
         self._commands: queue.Queue = queue.Queue()
         self._deliver = None         # one-shot: the next event goes here, not to _events
+        self._fast = None            # the fast-decode path of this run (kernel_server.fast_decode)
         self._future = None
         self._phase = "prefill"
         self._fired_breaks: list[int] = []
@@ -250,7 +251,7 @@ class GenerationRun:
                 try:
                     self._decode_loop()
                 finally:   # fast decode: the KV cache leaves its static slot before any event
-                    if getattr(self, "_fast", None) is not None:
+                    if self._fast is not None:
                         self._fast.close()
             event = self.finished_event()
         except _Aborted as why:

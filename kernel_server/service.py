@@ -13,7 +13,7 @@ import uuid
 
 import rpyc
 
-from djinn_nb.errors import (CheckpointError, DjinnError, InvalidArgumentError,
+from djinn_nb.errors import (CheckpointError, DjinnError, error_reply, InvalidArgumentError,
                              LimitExceededError, ServerError)
 from djinn_nb.wire import pack, unpack
 from . import checkpoints as C
@@ -26,7 +26,7 @@ BULK_THRESHOLD = 64 << 10
 
 
 def _error(exc: DjinnError):
-    return pack({"error": {"type": type(exc).__name__, "message": str(exc)}})
+    return pack(error_reply(exc))
 
 
 @functools.lru_cache(maxsize=512)
@@ -58,7 +58,7 @@ def invoke(fn, service, args, signature=None) -> dict:
             raise InvalidArgumentError(f"{fn.__name__.removeprefix('exposed_')}(): {exc}") from None
         return {"ok": fn(service, **args)}
     except DjinnError as exc:
-        return {"error": {"type": type(exc).__name__, "message": str(exc)}}
+        return error_reply(exc)
     except Exception as exc:  # a server bug: log it here, send a clean message
         log.exception("error in %s", fn.__name__)
         return {"error": {"type": "ServerError", "message": f"{fn.__name__} failed inside the "

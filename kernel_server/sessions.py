@@ -14,8 +14,9 @@ import uuid
 import numpy as np
 import torch
 
-from djinn_nb.errors import (CheckpointError, DjinnError, LimitExceededError, NotPausedError, SessionBusyError,
-                             SessionClosedError, UnknownSessionError, InvalidArgumentError)
+from djinn_nb.errors import (CheckpointError, DjinnError, InvalidArgumentError, LimitExceededError,
+                             NotPausedError, SessionBusyError, SessionClosedError,
+                             UnknownSessionError, error_reply)
 from . import sites
 from . import validation as V
 from .checkpoints import Checkpoint, CheckpointStore, cache_from_host, copy_interventions
@@ -168,12 +169,12 @@ class Session:
                     # closed while it ran (its client went): a pause is aborted at once
                     if event["event"] == "paused":
                         run._commands.put("abort")
-                    reply = _error_reply(SessionClosedError(f"session {self.id} was closed"))
+                    reply = error_reply(SessionClosedError(f"session {self.id} was closed"))
                 else:
                     try:
                         reply = {"ok": self._after(event)}
                     except DjinnError as exc:
-                        reply = _error_reply(exc)
+                        reply = error_reply(exc)
             send(reply)
 
         run.command(what, deliver)
@@ -267,9 +268,8 @@ class Session:
         if isinstance(layers, int) and type(layers) is not bool:
             layers = [layers]
         if not isinstance(layers, list) or not layers or len(layers) > n:
-            raise InvalidArgumentError(f"layers must be None (all), an int or a list of layer indices")
-        out = sorted({V.layer(x, n) for x in layers})
-        return out
+            raise InvalidArgumentError("layers must be None (all), an int or a list of layer indices")
+        return sorted({V.layer(x, n) for x in layers})
 
     def tokenize(self, text) -> list:
         """Token ids of ``text`` (no special tokens), as ``generate`` would see it."""
@@ -493,10 +493,6 @@ class Session:
                 self.run.command("abort")
             self.state = CLOSED
             self.run = None
-
-
-def _error_reply(exc: DjinnError) -> dict:
-    return {"error": {"type": type(exc).__name__, "message": str(exc)}}
 
 
 class SessionManager:

@@ -453,32 +453,30 @@ def test_resume_is_answered_by_the_generation_thread(server, client, monkeypatch
     assert s.stop().finished
 
 
-def test_closing_a_session_while_its_deferred_resume_runs_leaves_no_paused_worker(kernel):
-    """The session is closed (its client went) between a deferred resume and the next pause:
-    the generation thread aborts that pause itself and the worker ends."""
+@pytest.mark.parametrize("close_first", [True, False])
+def test_closing_a_session_while_its_deferred_resume_runs_leaves_no_paused_worker(kernel,
+                                                                                  close_first):
+    """The session is closed (its client went) while a deferred resume computes, before or
+    after the generation thread reaches the next pause: either way that pause ends and the
+    worker is not left waiting."""
     from kernel_server import sessions as S
     session = kernel.sessions.open(kernel.models.get("tiny-gpt2"), owner="test")
     session.set_breakpoint(layer=2)
     assert session.generate(PROMPT, max_new_tokens=50, stop_at_eos=False)["event"] == "paused"
-    for close_first in (True, False):
-        if not close_first:
-            session = kernel.sessions.open(kernel.models.get("tiny-gpt2"), owner="test")
-            session.set_breakpoint(layer=2)
-            session.generate(PROMPT, max_new_tokens=50, stop_at_eos=False)
-        run, replies, got = session.run, [], threading.Event()
-        S.reply_route.send = lambda reply: (replies.append(reply), got.set())
-        try:
-            with session._lock:                 # (closing "first": before the worker's pause)
-                assert session.resume() is S.DEFERRED
-                if close_first:
-                    kernel.sessions.close(session.id, "test")
-        finally:
-            S.reply_route.send = None
-        assert got.wait(30)
-        if close_first:
-            assert replies[0]["error"]["type"] == "SessionClosedError"
-        else:
-            assert replies[0]["ok"]["event"] == "paused"
-            kernel.sessions.close(session.id, "test")
-        assert wait_for(run._future.done), "the generation worker is still waiting"
-        assert run.stop_reason == "stopped"
+    run, replies, got = session.run, [], threading.Event()
+    S.reply_route.send = lambda reply: (replies.append(reply), got.set())
+    try:
+        with session._lock:      # (held: the delivery of the next pause waits for it)
+            assert session.resume() is S.DEFERRED
+            if close_first:
+                kernel.sessions.close(session.id, "test")
+    finally:
+        S.reply_route.send = None
+    assert got.wait(30)
+    if close_first:
+        assert replies[0]["error"]["type"] == "SessionClosedError"
+    else:
+        assert replies[0]["ok"]["event"] == "paused"
+        kernel.sessions.close(session.id, "test")
+    assert wait_for(run._future.done), "the generation worker is still waiting"
+    assert run.stop_reason == "stopped"

@@ -195,12 +195,11 @@ def test_plan_step_fallback_selection():
     assert plan(explicit, 3, 10).eager == "rule on explicit positions"
     assert plan(explicit, 4, 11) == fast_decode.StepPlan(None, (), (7,))
     # sites off the residual stream (kernel_server.sites) run their hooks eagerly
-    if "site" in SteeringRule.__dataclass_fields__:
-        from dataclasses import replace
-        mlp = Interventions(rules=[replace(_rule(1, 1), site="mlp")])
-        assert plan(mlp, 3, 10).eager == "rule off the residual stream"
-        attn_bp = Interventions(breakpoints=[Breakpoint(2, "decode", site="attn")])
-        assert plan(attn_bp, 3, 10).eager == "breakpoint"
+    from dataclasses import replace
+    mlp = Interventions(rules=[replace(_rule(1, 1), site="mlp")])
+    assert plan(mlp, 3, 10).eager == "rule off the residual stream"
+    attn_bp = Interventions(breakpoints=[Breakpoint(2, "decode", site="attn")])
+    assert plan(attn_bp, 3, 10).eager == "breakpoint"
 
 
 # ---- the steering math inside the graph ----------------------------------------------------
@@ -465,8 +464,6 @@ def test_fresh_restored_and_repeated_runs_agree_bit_for_bit(monkeypatch, name, d
     bfloat16 this failed with and without CUDA graphs: the fused SDPA kernels of a decode
     step are not reproducible from run to run (kernel_server/exact_attention.py)."""
     device = "cuda" if run_mode == "graph" or name.startswith("random:") else DEVICE
-    if dtype != "float32" and device == "cpu":
-        pytest.skip("half precision: the CUDA cases")
     loaded = get_model(name, device, dtype)
     monkeypatch.setattr(loaded, "_fast_decoder", None, raising=False)   # slots of its own
     big = device == "cuda"
@@ -512,8 +509,6 @@ def test_fresh_restored_and_repeated_runs_agree_bit_for_bit(monkeypatch, name, d
 
 
 def test_site_rules_run_eagerly_on_the_static_cache(mode):
-    if "site" not in SteeringRule.__dataclass_fields__:
-        pytest.skip("no intervention sites in this version")
     loaded = get_model("tiny-llama", device_for(mode))
     s = session(loaded)
     s.steer(layer=1, site="mlp", scale=0.5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -40,32 +39,7 @@ def heavy_round(s, index: int) -> list:
 
 
 def heavy_load(address: str, clients: int, seconds: float) -> dict:
-    with dj.connect(address) as c:
-        s = c.session()
-        solo = [heavy_round(s, i) for i in range(clients)]
-    stats = {"rounds": 0, "mismatches": 0, "errors": []}
-    lock = threading.Lock()
-    deadline = time.monotonic() + seconds
-
-    def worker(i):
-        try:
-            with dj.connect(address) as c:
-                s = c.session()
-                while time.monotonic() < deadline:
-                    same = heavy_round(s, i) == solo[i]
-                    with lock:
-                        stats["rounds"] += 1
-                        stats["mismatches"] += not same
-        except Exception as exc:
-            with lock:
-                stats["errors"].append(f"client {i}: {type(exc).__name__}: {exc}")
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 300)
-    return stats
+    return run_load(address, clients, seconds, round_fn=heavy_round)
 
 
 def settled(address: str) -> dict:
