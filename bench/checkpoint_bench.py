@@ -18,9 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (command_line, environment, finish, median_ms, pyplot, random_llama,  # noqa: E402
                     RESULTS, save_plot, sync)
-from kernel_server.checkpoints import CheckpointStore, cache_from_host  # noqa: E402
-from kernel_server.sessions import Session  # noqa: E402
-from kernel_server.validation import Limits  # noqa: E402
+from kernel_server.checkpoints.store import CheckpointStore
+from kernel_server.checkpoints.snapshot import cache_from_host  # noqa: E402
+from kernel_server.runtime.session_state import Session  # noqa: E402
+from kernel_server.model.validation import Limits  # noqa: E402
 
 
 def raw_copy_ms(nbytes: int, device, reps: int) -> dict:

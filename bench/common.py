@@ -13,7 +13,7 @@ RESULTS = Path(__file__).parent / "results"
 
 # random-init shapes: GPU timing does not depend on weight values (the server's random:<shape>
 # models, plus SmolLM2's shape for the CPU checkpoint numbers)
-from kernel_server.sharding import RANDOM_SHAPES  # noqa: E402
+from kernel_server.model.sharding import RANDOM_SHAPES  # noqa: E402
 
 SHAPES = {**RANDOM_SHAPES,
           "smollm2-shape": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,
@@ -23,7 +23,9 @@ SHAPES = {**RANDOM_SHAPES,
 def random_llama(shape: str, device: str, dtype: str, max_positions: int = 8192):
     """A LoadedModel around a seeded random-init Llama of a named shape."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from kernel_server.models import DTYPES, LoadedModel, find_layers, tiny_tokenizer
+    from kernel_server.model.loading import DTYPES
+    from kernel_server.model.registry import LoadedModel, find_layers
+    from kernel_server.model.loading import tiny_tokenizer
     import inspect
     tok = tiny_tokenizer()
     torch.manual_seed(0)
@@ -32,6 +34,8 @@ def random_llama(shape: str, device: str, dtype: str, max_positions: int = 8192)
         model = LlamaForCausalLM(config).to(dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
     params = inspect.signature(model.forward).parameters
+    from kernel_server.model import exact_attention
+    exact_attention.install()         # as the server's load_model does
     return LoadedModel(name=f"random-{shape}", model=model, tokenizer=tok, layers=find_layers(model),
                        device=torch.device(device), dtype=DTYPES[dtype],
                        cache_kwarg="cache" if "cache" in params else "past_key_values")
@@ -107,7 +111,7 @@ def start_server(model: str, device: str, dtype: str | None = None) -> ServerPro
 def load_local(model: str, device: str, dtype: str):
     """The same model in this process (same weights: a file, or the same seed), for the
     in-process baselines."""
-    from kernel_server.models import load_model
+    from kernel_server.model.registry import load_model
     return load_model(model, device, dtype, progress=False)
 
 

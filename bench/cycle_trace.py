@@ -7,7 +7,7 @@ below (each insertion checks that its anchor line exists, so the script fails lo
 the code it traces changes), runs a server and a client from that copy, and prints the
 median of every segment between consecutive marks of a cycle:
 
-    c_call     client: Session.resume() enters Client._call
+    c_call     client: Session.resume() enters Client.call
     c_send     client: the request is encoded, about to be sent
     s_recv     server: the control thread has read the request frame
     s_parsed   server: JSON parsed, arguments checked, about to dispatch
@@ -59,26 +59,27 @@ _M = "from djinn_nb import _cycle_trace as _T; _T.m"
 
 # (file, anchor, replacement): the anchor must occur in the file
 PATCHES = [
-    ("kernel_server/control.py", "                meta, payload = reader.read_meta(limit)\n",
+    ("kernel_server/transport/control_listener.py", "                meta, payload = reader.read_meta(limit)\n",
      f"                meta, payload = reader.read_meta(limit)\n                {_M}('s_recv')\n"),
-    ("kernel_server/control.py", "            settled.clear()\n",
-     f"            {_M}('s_parsed')\n            settled.clear()\n"),
-    ("kernel_server/control.py", "    def _reply(conn: socket.socket, reply: dict) -> None:\n",
+    ("kernel_server/transport/control_listener.py",
+     "            reply = dispatch(service, request[\"call\"], args)\n",
+     f"            {_M}('s_parsed')\n            reply = dispatch(service, request[\"call\"], args)\n"),
+    ("kernel_server/transport/control_listener.py", "    def _reply(conn: socket.socket, reply: dict) -> None:\n",
      f"    def _reply(conn: socket.socket, reply: dict) -> None:\n        {_M}('s_reply')\n"),
-    ("kernel_server/control.py", "        send_frame(conn, meta.encode(), blobs)\n",
+    ("kernel_server/transport/control_listener.py", "        send_frame(conn, meta.encode(), blobs)\n",
      f"        send_frame(conn, meta.encode(), blobs)\n        {_M}('s_sent')\n"),
-    ("kernel_server/generation.py", "        self._deliver = deliver\n",
+    ("kernel_server/runtime/generation.py", "        self._deliver = deliver\n",
      f"        self._deliver = deliver\n        {_M}('s_cmd')\n"),
-    ("kernel_server/generation.py",
+    ("kernel_server/runtime/generation.py",
      "                what = self._commands.get(timeout=self.pause_timeout)\n",
      f"                what = self._commands.get(timeout=self.pause_timeout)\n"
      f"                {_M}('w_wake')\n"),
-    ("kernel_server/generation.py", "            self._emit(point.event())\n",
+    ("kernel_server/runtime/generation.py", "            self._emit(point.event())\n",
      f"            {_M}('w_pause')\n            self._emit(point.event())\n"),
-    ("kernel_server/generation.py", "            t0 = time.perf_counter()\n            with loaded.compute_lock:",
+    ("kernel_server/runtime/generation.py", "            t0 = time.perf_counter()\n            with loaded.compute_lock:",
      f"            {_M}('w_step')\n            t0 = time.perf_counter()\n"
      "            with loaded.compute_lock:"),
-    ("kernel_server/generation.py", "            t1 = time.perf_counter()\n",
+    ("kernel_server/runtime/generation.py", "            t1 = time.perf_counter()\n",
      f"            t1 = time.perf_counter()\n            {_M}('w_fwd_end')\n"),
     ("djinn_nb/control.py", "                sent = send_frame(self.sock, *request)\n",
      f"                {_M}('c_send')\n                sent = send_frame(self.sock, *request)\n"),
@@ -87,11 +88,11 @@ PATCHES = [
      "                if not self._wait(self.timeout):\n"
      "                    raise ReplyTimeout(f\"no reply within {self.timeout} s\")\n"
      f"                {_M}('c_ready')\n"),
-    ("djinn_nb/client.py", "    def _call(self, name: str, **kwargs):\n",
-     f"    def _call(self, name: str, **kwargs):\n        {_M}('c_call')\n"),
+    ("djinn_nb/client.py", "    def call(self, name: str, **kwargs):\n",
+     f"    def call(self, name: str, **kwargs):\n        {_M}('c_call')\n"),
     ("djinn_nb/session.py",
-     '        return self._event(self._call("resume", ignore_breakpoints=ignore_breakpoints))\n',
-     '        reply = self._call("resume", ignore_breakpoints=ignore_breakpoints)\n'
+     '        return self._event(self._request("resume", ignore_breakpoints=ignore_breakpoints))\n',
+     '        reply = self._request("resume", ignore_breakpoints=ignore_breakpoints)\n'
      f"        {_M}('c_reply')\n        event = self._event(reply)\n        {_M}('c_event')\n"
      "        return event\n"),
 ]

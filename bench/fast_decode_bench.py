@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import environment, write_result  # noqa: E402
 
-from kernel_server import fast_decode  # noqa: E402
-from kernel_server.generation import install_layer_hooks  # noqa: E402
-from kernel_server.sessions import Session  # noqa: E402
-from kernel_server.validation import Limits  # noqa: E402
+from kernel_server.model import exact_attention
+from kernel_server.runtime import fast_decode  # noqa: E402
+from kernel_server.runtime.generation import install_layer_hooks  # noqa: E402
+from kernel_server.runtime.session_state import Session  # noqa: E402
+from kernel_server.model.validation import Limits  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # random-init shapes (GPU timing does not depend on weight values); vocabulary: the tiny
@@ -53,7 +54,8 @@ def build(name: str, device: str, dtype: str):
     """A LoadedModel around a seeded random-init model, built directly on ``device``."""
     import inspect
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-    from kernel_server.models import LoadedModel, find_layers, tiny_tokenizer
+    from kernel_server.model.registry import LoadedModel, find_layers
+    from kernel_server.model.loading import tiny_tokenizer
     tok = tiny_tokenizer()
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -73,6 +75,7 @@ def build(name: str, device: str, dtype: str):
     model = model.to(device=device, dtype=DTYPES[dtype]).eval()
     model.requires_grad_(False)
     params = inspect.signature(model.forward).parameters
+    exact_attention.install()         # as the server's load_model does
     loaded = LoadedModel(name=f"random-{name}", model=model, tokenizer=tok, layers=find_layers(model),
                          device=torch.device(device), dtype=DTYPES[dtype],
                          cache_kwarg="cache" if "cache" in params else "past_key_values")
@@ -182,7 +185,7 @@ def profile_eager_step(loaded, ids, steps: int = 5) -> dict:
 def graph_replay_ms(loaded, reps: int = 50) -> float | None:
     """The no-rule decode graph replayed alone (an idle slot; positions rewritten after):
     what a fast step costs on the GPU, without sampling, records and the host sync."""
-    dec = getattr(loaded, "_fast_decoder", None)
+    dec = loaded.fast_decoder
     slot = next((sl for sl in dec.slots if not sl.busy), None) if dec is not None else None
     entry = slot.graphs.get(()) if slot is not None else None
     if entry is None or entry.graph is None:
@@ -256,7 +259,7 @@ def bench_model(name: str, dtype: str, args) -> dict:
         static, _ = run_once(s, ids, tokens, "static", return_logits=True)
         fast, _ = run_once(s, ids, tokens, fast_mode, return_logits=True)
         out["graph_vs_eager_static_cache"] = exactness(fast, static)
-    dec = getattr(loaded, "_fast_decoder", None)
+    dec = loaded.fast_decoder
     out["decoder_stats"] = dict(dec.stats) if dec is not None else None
     if fast_mode == "auto":
         out["graph_replay_ms"] = graph_replay_ms(loaded)

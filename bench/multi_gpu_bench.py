@@ -4,7 +4,7 @@ decode tokens/s with and without a breakpoint, checkpoint copy bandwidth per dev
     python bench/multi_gpu_bench.py --shape llama-13b --dtype bfloat16     # 2+ GPUs
     python bench/multi_gpu_bench.py --smoke     # tiny, CPU, every module mapped to "cpu"
 
-The model is ``random:<shape>`` (kernel_server.sharding): built on the meta device, each
+The model is ``random:<shape>`` (kernel_server.model.sharding): built on the meta device, each
 shard materialised on its GPU with a seeded init, dispatched with accelerate's hooks. Runs
 in process (kernel_server Session objects, no network): what is measured is the server's
 work. A second copy of the model under another device map (same seeded weights) loads a
@@ -26,11 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import RESULTS, environment, write_result  # noqa: E402
-from kernel_server import checkpoints as C  # noqa: E402
-from kernel_server import sharding  # noqa: E402
-from kernel_server.models import load_model  # noqa: E402
-from kernel_server.sessions import Session  # noqa: E402
-from kernel_server.validation import Limits  # noqa: E402
+from kernel_server.checkpoints import file_format, snapshot  # noqa: E402
+from kernel_server.checkpoints.store import CheckpointStore  # noqa: E402
+from kernel_server.model import sharding  # noqa: E402
+from kernel_server.model.registry import load_model  # noqa: E402
+from kernel_server.runtime.session_state import Session  # noqa: E402
+from kernel_server.model.validation import Limits  # noqa: E402
 
 OWNER = "bench"
 
@@ -78,7 +79,7 @@ def drive(s: Session, prompt, n: int, on_pause=None) -> dict:
     while ev["event"] == "paused":
         if on_pause is not None:
             on_pause(ev)
-        ev = s.resume()
+        ev = s.resume().result()
     return ev["result"]
 
 
@@ -132,15 +133,15 @@ def exactness(loaded, prompt, n: int, k: int, store) -> tuple[dict, object, dict
     assert ev["event"] == "paused" and ev["layer"] == last
     ck = s.checkpoint(store)              # mid-forward on the last device: the start of token k
     ck.wait()
-    first = s.resume()
+    first = s.resume().result()
     while first["event"] == "paused":
-        first = s.resume()
+        first = s.resume().result()
     s.restore(ck)
     restored_devices = [str(layer.keys.device) for layer in s.run.cache.layers]
-    again = s.resume()                    # the restored breakpoint pauses at step k again
+    again = s.resume().result()                    # the restored breakpoint pauses at step k again
     repaused = again["event"] == "paused" and again["layer"] == last and again["step"] == k
     while again["event"] == "paused":
-        again = s.resume()
+        again = s.resume().result()
     at = {"layer": last, "device": str(loaded.layer_device(last)), "step": k}
     checks["checkpoint_continue"] = {**compare(first["result"], base), **at}
     checks["checkpoint_restore"] = {
@@ -153,16 +154,16 @@ def exactness(loaded, prompt, n: int, k: int, store) -> tuple[dict, object, dict
 def across_maps(ck, loaded, other, base, prompt, n: int) -> dict:
     """The checkpoint as a file, loaded under ``other``'s device map, continued there."""
     t0 = time.perf_counter()
-    data = C.to_bytes(ck, loaded)
+    data = file_format.to_bytes(ck, loaded)
     t1 = time.perf_counter()
-    ck2 = C.from_bytes(data, other, OWNER)
+    ck2 = file_format.from_bytes(data, other, OWNER)
     t2 = time.perf_counter()
     s = Session(other, Limits(), OWNER)
     s.restore(ck2)
     devices = [str(layer.keys.device) for layer in s.run.cache.layers]
-    ev = s.resume()
+    ev = s.resume().result()
     while ev["event"] == "paused":
-        ev = s.resume()
+        ev = s.resume().result()
     other_base = drive(Session(other, Limits(), OWNER), prompt, n)
     return {**compare(ev["result"], base), "file_bytes": len(data),
             "save_s": t1 - t0, "load_s": t2 - t1,
@@ -201,7 +202,7 @@ def decode(loaded, prompt, n: int, reps: int) -> dict:
         pauses = 0
         while ev["event"] == "paused":
             pauses += 1
-            ev = s.resume()
+            ev = s.resume().result()
         return pauses
 
     modes = {"plain_hf_loop": lambda t: plain(t), "server_no_breakpoint": lambda t: server(t, False),
@@ -256,9 +257,9 @@ def checkpoint_bandwidth(loaded, store, ctx: int, reps: int) -> dict:
     prompt = torch.randint(0, loaded.vocab_size, (ctx,), generator=gen).tolist()
     s = Session(loaded, Limits(max_prompt_tokens=ctx + 8), OWNER)
     s.generate(prompt, max_new_tokens=1, stop_at_eos=False)        # cache: ctx positions
-    slices = C.kv_slices(s.run.cache, ctx)
+    slices = snapshot.kv_slices(s.run.cache, ctx)
     groups = sharding.group_by_device([k.device for k, _ in slices])
-    bytes_per_device = {d: sum(C._nbytes(slices[i][0]) + C._nbytes(slices[i][1]) for i in idx)
+    bytes_per_device = {d: sum(snapshot.tensor_nbytes(slices[i][0]) + snapshot.tensor_nbytes(slices[i][1]) for i in idx)
                         for d, idx in groups.items()}
     total = sum(bytes_per_device.values())
     dispatch, whole, per_dev_concurrent = [], [], {str(d): [] for d in groups}
@@ -278,7 +279,7 @@ def checkpoint_bandwidth(loaded, store, ctx: int, reps: int) -> dict:
         t2 = time.perf_counter()
         sync_all(loaded.devices)
         r0 = time.perf_counter()
-        C.cache_from_host(ck, loaded)
+        snapshot.cache_from_host(ck, loaded)
         sync_all(loaded.devices)
         r1 = time.perf_counter()
         if rep:                                # rep 0: warm-up
@@ -294,8 +295,8 @@ def checkpoint_bandwidth(loaded, store, ctx: int, reps: int) -> dict:
         for rep in range(reps + 1):
             sync_all(loaded.devices)
             t0 = time.perf_counter()
-            _, copy, release = (C.copy_to_host([slices[i] for i in idx], d, store.arena)
-                                if d.type == "cuda" else C.copy_per_device([slices[i] for i in idx]))
+            _, copy, release = (snapshot.copy_to_host([slices[i] for i in idx], d, store.arena)
+                                if d.type == "cuda" else snapshot.copy_per_device([slices[i] for i in idx]))
             copy.synchronize()
             if rep:
                 xs.append((time.perf_counter() - t0) * 1e3)
@@ -355,7 +356,7 @@ def run(args) -> dict:
     result["memory_after_load"] = memory(loaded)
     print("built", name, f"in {build_s:.1f} s:", result["layout"]["layout"],
           f"{result['layout']['params'] / 1e9:.2f} B params", flush=True)
-    store = C.CheckpointStore(budget_bytes=256 << 30, pinned_pool_bytes=args.pinned_pool_mb << 20)
+    store = CheckpointStore(budget_bytes=256 << 30, pinned_pool_bytes=args.pinned_pool_mb << 20)
     store.prepare(loaded.devices)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, loaded.vocab_size, (16,), generator=gen).tolist()

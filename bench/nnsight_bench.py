@@ -79,7 +79,7 @@ class NNsightPeer:
         self.model = TransformersModel(loaded.model, tokenizer=loaded.tokenizer,
                                        task="text-generation")
         # the wrapped decoder block, found by the same path as the server's layer discovery
-        from kernel_server.models import _LAYER_PATHS
+        from kernel_server.model.registry import _LAYER_PATHS
         for path in _LAYER_PATHS:
             node = self.model
             try:

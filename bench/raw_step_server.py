@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32")
     args = p.parse_args(argv)
     from transformers import DynamicCache
-    from kernel_server.models import load_model
+    from kernel_server.model.registry import load_model
     loaded = load_model(args.model, args.device, args.dtype, progress=False)
     model, dev = loaded.model, loaded.device
     srv = socket.create_server(("127.0.0.1", 0))

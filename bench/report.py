@@ -1,11 +1,12 @@
-"""Render the README's benchmark tables from bench/results/*.json (never typed by hand).
+"""Render the benchmark tables of docs/performance.md from bench/results/*.json (never typed
+by hand).
 
-Every ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` block of the README is rewritten
+Every ``<!-- bench:NAME -->`` ... ``<!-- /bench:NAME -->`` block of the page is rewritten
 from ``bench/results/NAME.json`` by the renderer of its ``"benchmark"`` kind; blocks whose
 file is missing or whose kind has no renderer here are left as they are.
 
-    python bench/report.py            # rewrite the tables between the README markers
-    python bench/report.py --check    # exit 1 if the README is out of date
+    python bench/report.py            # rewrite the tables between the page's markers
+    python bench/report.py --check    # exit 1 if the page is out of date
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
+#: the page that holds the generated tables (the README links to it)
+PAGE = ROOT / "docs" / "performance.md"
 MARKER = re.compile(r"(<!-- bench:([\w.-]+) -->\n)(?:.*?\n)?(<!-- /bench:\2 -->)", re.S)
 
 
@@ -201,14 +203,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true")
     args = p.parse_args(argv)
-    old = README.read_text()
+    old = PAGE.read_text()
     new = render(old)
     if args.check:
         if new != old:
-            print("README benchmark tables are out of date: run python bench/report.py")
+            print(f"the benchmark tables of {PAGE.relative_to(ROOT)} are out of date: "
+                  "run python bench/report.py")
+            return 1
+        if "<!-- bench:" not in old:
+            print(f"{PAGE.relative_to(ROOT)} holds no benchmark tables")
             return 1
         return 0
-    README.write_text(new)
+    PAGE.write_text(new)
     return 0
 
 

@@ -69,7 +69,7 @@ def run_load(address: str, clients: int = 8, seconds: float = 10.0, tokens: int 
     for t in threads:
         t.join(seconds + 300)
     with dj.connect(address) as c:
-        info = c._call("hello")
+        info = c.call("hello")
     stats.update(clients=clients, seconds=seconds, sessions_left=info["sessions"],
                  checkpoint_bytes_left=info["checkpoint_bytes"])
     return stats

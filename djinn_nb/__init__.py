@@ -6,14 +6,14 @@
 >>> s.breakpoint(layer=6)
 >>> ev = s.generate("The capital of France is", max_new_tokens=20)
 """
-__version__ = "0.1.0"
-
-from .errors import (AuthenticationFailedError, CheckpointError, TransferError, ConnectionLostError, DjinnError, InvalidArgumentError, InvalidEditError,
+from djinn_protocol import __version__
+from djinn_protocol.errors import (AuthenticationFailedError, CheckpointError, TransferError, ConnectionLostError, DjinnError, InvalidArgumentError, InvalidEditError,
                      LayerOutOfRangeError, LimitExceededError, NotPausedError, ServerError,
                      SessionBusyError, SessionClosedError, StateError, UnknownModelError,
                      TLSError, UnknownSessionError, UnsupportedModelError)
 from .results import BatchFinished, Finished, GenerationResult, Paused, ScoreResult, StepRecord
-from .client import Client, connect
+from .client import Client
+from .connect import connect
 from .pool import Pool
 from .session import Session
 from .checkpoint import Checkpoint
@@ -29,11 +29,12 @@ __all__ = [
 
 
 def __getattr__(name):
-    # lazy: `dj.plots` needs plotly and `dj.Dashboard` ipywidgets; `import djinn_nb` stays light
+    # lazy, resolved on first access: `dj.plots` needs plotly, `dj.experiments` yaml and
+    # jsonschema, `dj.Dashboard` ipywidgets (the widgets package, which imports djinn_nb:
+    # `import djinn_nb` itself never loads it)
+    import importlib
     if name in ("plots", "experiments"):
-        import importlib
         return importlib.import_module("." + name, __name__)
     if name == "Dashboard":
-        from widgets import Dashboard
-        return Dashboard
+        return importlib.import_module("widgets").Dashboard
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,47 +1,21 @@
-"""Connection opening: optional TLS, then a token challenge-response, before rpyc speaks.
-
-The server opens every connection with one byte: ``2`` (TLS follows: the client starts a
-TLS handshake on the same socket, and the opening is repeated inside it), ``0`` (no token
-needed: loopback without a token) or ``1`` followed by a fresh random challenge. The
-client answers HMAC-SHA256(token, challenge); the token itself never crosses the wire,
-and a recorded answer is useless for the next connection, whose challenge differs.
+"""The client's side of the connection opening (``djinn_protocol.handshake``): optional TLS,
+then the token challenge, before rpyc or a control frame is spoken.
 
 A client that asked for TLS refuses a server that does not offer it (no silent downgrade),
 and a plaintext client is told at once that the server wants TLS (no hang).
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import os
 import socket
 import ssl
 from pathlib import Path
 
-from .bulk import recv_exact
-from .errors import (AuthenticationFailedError, ConnectionLostError, DjinnError,
-                     InvalidArgumentError, TLSError)
-
-CHALLENGE_BYTES = 32
-ANSWER_BYTES = hashlib.sha256().digest_size
-TOKEN_ENV = "DJINN_TOKEN"
-TLS_ENV = "DJINN_TLS"    # "1": TLS checked against the system CAs; a path: a CA file to trust
-_CONTEXT = b"djinn-nb-auth-v1"
-MODE_OPEN, MODE_CHALLENGE, MODE_TLS = b"\x00", b"\x01", b"\x02"
-
-
-def answer(token: str, challenge: bytes) -> bytes:
-    return hmac.new(token.encode(), _CONTEXT + challenge, hashlib.sha256).digest()
-
-
-def new_challenge() -> bytes:
-    return os.urandom(CHALLENGE_BYTES)
-
-
-def owner_proof(owner_key: str) -> str:
-    """What a client sends for its owner key (``dj.connect(owner_key=...)``): a keyed hash,
-    so the key itself is never sent (the hash is a bearer secret all the same)."""
-    return hmac.new(owner_key.encode(), b"djinn-nb-owner-v1", hashlib.sha256).hexdigest()
+from djinn_protocol.errors import (AuthenticationFailedError, ConnectionLostError, DjinnError,
+                                   InvalidArgumentError, TLSError)
+from djinn_protocol.framing import recv_exact
+from djinn_protocol.handshake import (ACCEPTED, CHALLENGE_BYTES, MODE_CHALLENGE, MODE_OPEN,
+                                      MODE_TLS, TLS_ENV, TOKEN_ENV, answer)
 
 
 def client_tls_context(tls) -> ssl.SSLContext | None:
@@ -105,7 +79,7 @@ def client_handshake(sock: socket.socket, token: str | None, tls: ssl.SSLContext
                 "this kernel server requires a token: dj.connect(address, token=...) "
                 f"or set ${TOKEN_ENV}")
         sock.sendall(answer(token, challenge))
-        if recv_exact(sock, 1) != b"\x01":
+        if recv_exact(sock, 1) != ACCEPTED:
             raise AuthenticationFailedError("the kernel server refused the token")
         return sock, True
     except ConnectionLostError:

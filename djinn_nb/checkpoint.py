@@ -26,18 +26,18 @@ class Checkpoint:
 
     def ready(self) -> bool:
         """True once the copy to host memory has finished."""
-        return self.client._call("checkpoint_info", checkpoint=self.id)["ready"]
+        return self.client.call("checkpoint_info", checkpoint=self.id)["ready"]
 
     def wait(self) -> "Checkpoint":
         """Block until the copy has finished."""
-        self.client._call("checkpoint_info", checkpoint=self.id, wait=True)
+        self.client.call("checkpoint_info", checkpoint=self.id, wait=True)
         return self
 
     def save(self, path) -> Path:
         """Write the checkpoint to ``path`` on this machine (safetensors + JSON metadata),
         fetched over the bulk path; written to a temporary file first, then renamed."""
         path = Path(path)
-        data = self.client._fetch_bulk(self.client._call("export_checkpoint", checkpoint=self.id))
+        data = self.client.fetch_bulk(self.client.call("export_checkpoint", checkpoint=self.id))
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".djckpt-", dir=path.parent)
         try:
@@ -51,7 +51,7 @@ class Checkpoint:
 
     def delete(self) -> None:
         """Free the checkpoint's host memory on the server."""
-        self.client._call("delete_checkpoint", checkpoint=self.id)
+        self.client.call("delete_checkpoint", checkpoint=self.id)
 
     def __repr__(self):
         return (f"<djinn_nb.Checkpoint {self.id} {self.model} step {self.step}, "

@@ -1,4 +1,4 @@
-"""The notebook client: ``connect()``, the ``Client`` connection, call accounting."""
+"""The notebook client: the ``Client`` connection to one kernel server, call accounting."""
 from __future__ import annotations
 
 import collections
@@ -6,12 +6,15 @@ import os
 import secrets
 import threading
 import time
-from typing import Any
 
-from . import wire
-from .auth import client_handshake, client_tls_context, owner_proof
-from .errors import (ConnectionLostError, DjinnError, InvalidArgumentError, LimitExceededError,
-                     error_class)
+from djinn_protocol import wire
+from djinn_protocol.calls import lookup
+from djinn_protocol.errors import (ConnectionLostError, DjinnError, InvalidArgumentError,
+                                   LimitExceededError, error_class)
+from djinn_protocol.handshake import owner_proof
+
+from . import control
+from .auth import client_handshake, client_tls_context
 
 DEFAULT_PORT = 18861
 SERVER_ENV = "DJINN_SERVER"   # "host:port" of the kernel server that connect() uses by default
@@ -92,41 +95,61 @@ class Client:
             raise
         config = dict(CLIENT_CONFIG, sync_request_timeout=timeout)
         self._conn = rpyc.connect_stream(stream, rpyc.VoidService, config=config)
-        self._methods: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._calls = 0
+        self._rpyc_calls = 0             # of them, sent over rpyc (the rest: the control channel)
         self._rtts = collections.deque(maxlen=200)
         self._bulk_bytes = 0
         self._closed = False
         self._control = None
         if owner_key is None and not proved_token:
             # no token identifies us: a random key of this Client object lets reconnect()
-            # re-attach its sessions (kernel_server.ownership); kept across reconnects
+            # re-attach its sessions (kernel_server.runtime.ownership); kept across reconnects
             self._owner_key = owner_key = secrets.token_hex(32)
-        self.server_info = self._call("hello", owner_key=None if owner_key is None
-                                      else owner_proof(owner_key))
+        self.server_info = self.call("hello", owner_key=None if owner_key is None
+                                     else owner_proof(owner_key))
         self._owner = self.server_info.get("owner")
         limit = self.server_info.get("limits", {}).get("max_request_mb")
         self._max_request_bytes = None if limit is None else int(limit * 2**20)
-        from . import control                   # the fast path for every call, if the server has it
-        self._control = control.attach(self, timeout, tls=self._tls)
+        self._control = self._open_control(host, timeout) if control.enabled() else None
+
+    def _open_control(self, host: str, timeout: float | None):
+        """The control channel (``djinn_nb.control``), the fast path for every call; None
+        keeps every call on rpyc (a failure to open it is logged)."""
+        offer = self.call("open_control")
+
+        def account(sent: int, received: int, payload: int) -> None:
+            # stats(): JSON and headers count as bytes_sent / bytes_received, like rpyc
+            # messages; raw array payloads in replies as bulk_bytes_received, like bulk transfers
+            with self._lock:
+                self._counter.sent += sent
+                self._counter.received += received
+                self._bulk_bytes += payload
+        try:
+            return control.open_channel(host, offer, self._token, self._tls, timeout=timeout,
+                                        account=account)
+        except (DjinnError, OSError) as exc:
+            control.log.warning("cannot open the control channel to %s:%s (%s: %s); every call "
+                                "goes through rpyc", host, offer.get("port"), type(exc).__name__, exc)
+            return None
 
     # ---- the one way to call the server --------------------------------------------------
-    def _call(self, name: str, **kwargs):
+    def call(self, name: str, **kwargs):
+        """One declared call (``djinn_protocol.calls``) with keyword arguments; returns its
+        reply or raises the server's typed error. The ``Session`` methods are built on it."""
         if self._closed:
             raise ConnectionLostError("this client is closed; use dj.connect() again")
-        control = self._control
-        packed = wire.pack(kwargs) if control is None else control.request(name, kwargs)
+        lookup(name)                           # an undeclared name never leaves the client
+        channel = self._control
+        packed = wire.pack(kwargs) if channel is None else channel.request(name, kwargs)
         self._check_request_size(name, packed)
         t0 = time.perf_counter()
         try:
-            if control is not None:             # djinn_nb.control: a raw socket, no rpyc
-                reply = control.call(packed)
+            if channel is not None:             # djinn_nb.control: a raw socket, no rpyc
+                reply = channel.call(packed)
             else:
-                method = self._methods.get(name)
-                if method is None:
-                    method = self._methods[name] = getattr(self._conn.root, name)
-                reply = wire.unpack(method(packed))
+                self._rpyc_calls += 1
+                reply = wire.unpack(self._conn.root.call(name, packed))
         except (EOFError, OSError, ConnectionError) as exc:
             raise ConnectionLostError(f"lost the connection to the kernel server at {self.address} "
                                       f"({type(exc).__name__}: {exc}); client.reconnect() "
@@ -145,7 +168,10 @@ class Client:
         if "error" in reply:
             err = reply["error"]
             raise error_class(err["type"])(err["message"])
-        return reply["ok"]
+        value = reply["ok"]
+        if type(value) is dict and wire.BULK_ARRAY_KEY in value:   # (rpyc: large arrays go bulk)
+            value = self.fetch_array(value)
+        return value
 
     def _check_request_size(self, name: str, packed) -> None:
         """Refuse here, with a typed error, a request the server would refuse by closing
@@ -163,9 +189,9 @@ class Client:
     def session(self, model: str | None = None) -> "Session":
         """A new session on ``model`` (default: the server's default model)."""
         from .session import Session
-        return Session(self, self._call("open_session", model=model))
+        return Session(self, self.call("open_session", model=model))
 
-    def _fetch_bulk(self, offer: dict) -> bytearray:
+    def fetch_bulk(self, offer: dict) -> bytearray:
         """The payload the server offered on the bulk path (``{"port", "nonce"}``)."""
         from . import bulk
         host, _ = parse_address(self.address)
@@ -174,13 +200,14 @@ class Client:
             self._bulk_bytes += len(data)
         return data
 
-    def _fetch_array(self, offer: dict):
+    def fetch_array(self, offer: dict):
         """An array the server offered on the bulk path instead of in its reply."""
-        return wire.decode_array(offer["dtype"], offer["shape"], bytes(self._fetch_bulk(offer["bulk"])))
+        return wire.decode_array(offer["dtype"], offer["shape"],
+                                 bytes(self.fetch_bulk(offer[wire.BULK_ARRAY_KEY])))
 
     def checkpoints(self) -> list:
         """This client's checkpoints on the server: id, model, step, positions, nbytes, ready."""
-        return self._call("checkpoints")
+        return self.call("checkpoints")
 
     def load_checkpoint(self, path, session=None):
         """Load a saved checkpoint file into a new session on its model (or into ``session``).
@@ -192,10 +219,10 @@ class Client:
         data = Path(path).read_bytes()
         if not data:
             raise InvalidArgumentError(f"{path} is empty")
-        upload = self._call("begin_upload", nbytes=len(data))
+        upload = self.call("begin_upload", nbytes=len(data))
         host, _ = parse_address(self.address)
         bulk.send(host, upload["port"], bytes.fromhex(upload["nonce"]), data, tls=self._tls)
-        out = self._call("import_checkpoint", upload=upload["nonce"],
+        out = self.call("import_checkpoint", upload=upload["nonce"],
                          session=None if session is None else session.id)
         ck = Checkpoint(self, out["checkpoint"])
         ck.session = session if session is not None else Session(self, out["session"])
@@ -204,7 +231,7 @@ class Client:
     def ping(self) -> float:
         """One empty round trip, in milliseconds."""
         t0 = time.perf_counter()
-        self._call("ping")
+        self.call("ping")
         return (time.perf_counter() - t0) * 1e3
 
     def stats(self, memory: bool = True) -> dict:
@@ -220,7 +247,7 @@ class Client:
             before = self._counts()
             _uncounted.on = True
             try:
-                devices = self._call("memory")["devices"]
+                devices = self.call("memory")["devices"]
             except DjinnError:
                 devices = None
             finally:
@@ -239,7 +266,7 @@ class Client:
         """Calls made, bytes on the socket each way, recent round trips (ms)."""
         with self._lock:
             rtts = list(self._rtts)
-        return {"calls": self._calls, "bytes_sent": self._counter.sent,
+        return {"calls": self._calls, "rpyc_calls": self._rpyc_calls, "bytes_sent": self._counter.sent,
                 "bytes_received": self._counter.received, "bulk_bytes_received": self._bulk_bytes,
                 "rtt_ms": rtts,
                 "last_rtt_ms": rtts[-1] if rtts else None}
@@ -256,7 +283,7 @@ class Client:
                       token=self._token, tls=self._tls_arg, owner_key=self._owner_key)
         if old_owner is None or not self.server_info.get("limits", {}).get("reconnect_grace_s"):
             return {"sessions": [], "checkpoints": []}
-        return self._call("reattach", owner=old_owner)
+        return self.call("reattach", owner=old_owner)
 
     def attach(self, session_id: str) -> "Session":
         """Take over the session ``session_id`` of a client that disconnected (another process,
@@ -264,7 +291,7 @@ class Client:
         client left come along. Allowed with the same token (and the same ``owner_key`` if
         that client gave one); anything else is ``UnknownSessionError``."""
         from .session import Session
-        return Session(self, self._call("attach", session=session_id))
+        return Session(self, self.call("attach", session=session_id))
 
     def _close_conn(self) -> None:
         self._closed = True
@@ -280,12 +307,18 @@ class Client:
         sessions and checkpoints are released at once (a grace period is for lost connections)."""
         if not self._closed and self.server_info.get("limits", {}).get("reconnect_grace_s"):
             try:
-                self._call("closing")
+                self.call("closing")
             except DjinnError:
                 pass
         self._close_conn()
         if self._local_server is not None:
             self._local_server.stop()
+
+    @property
+    def control_channel(self):
+        """The control channel every call goes through (``djinn_nb.control.ControlChannel``),
+        or None when calls go over rpyc (``$DJINN_CONTROL=0`` or it could not be opened)."""
+        return self._control
 
     @property
     def closed(self) -> bool:
@@ -302,35 +335,3 @@ class Client:
         state = "closed" if self._closed else "open"
         return (f"<djinn_nb.Client {self.address} ({where}, {state}) "
                 f"default model {self.server_info.get('default_model')}>")
-
-
-def connect(address=None, *, token: str | None = None, tls=None,
-            owner_key: str | None = None, model: str | None = None,
-            device: str | None = None, dtype: str | None = None, timeout: float | None = None,
-            progress: bool = True) -> Client:
-    """Connect to a kernel server at ``"host:port"`` (a list of addresses: a ``dj.Pool``
-    holding one client per server, ``pool.session(server=..., model=...)``).
-
-    With no address: the server named by the ``DJINN_SERVER`` environment variable if set
-    (``make lab`` sets it for its notebooks), else a local server launched now (on
-    ``model``, default the embedded smollm2-135m) that stops when the client closes.
-    ``token``: the shared secret of a server started with one (default ``$DJINN_TOKEN``).
-    ``tls``: for a server started with ``--certfile``: True (verify its certificate against
-    the system CAs) or the path of a CA file to trust (e.g. its self-signed certificate);
-    default ``$DJINN_TLS`` ("1" or a path). ``owner_key``: a secret of yours that, with the
-    token, identifies whose disconnected sessions ``attach()`` may take over (see README)."""
-    if address is None and os.environ.get(SERVER_ENV) and model is None and device is None:
-        address = os.environ[SERVER_ENV]
-    if isinstance(address, (list, tuple)):     # several servers: a Pool of clients
-        from .pool import Pool
-        return Pool(address, token=token, tls=tls, timeout=timeout)
-    if address is not None:
-        return Client(address, timeout=timeout, token=token, tls=tls, owner_key=owner_key)
-    from .launcher import LocalServer
-    server = LocalServer(model=model, device=device, dtype=dtype, progress=progress)
-    try:
-        return Client(server.address, timeout=timeout, local_server=server, tls=False,
-                      owner_key=owner_key)
-    except BaseException:
-        server.stop()
-        raise

@@ -1,22 +1,15 @@
-"""The control channel: a raw TCP socket beside the rpyc connection for every call.
+"""The client's control channel: a raw TCP socket beside the rpyc connection for every call.
 
 rpyc costs about 0.4 ms a round trip on loopback and moves arrays through its own
 chunking; a raw socket round trip costs about 0.1 ms. After connecting, the client asks
 the server (over rpyc, ``open_control``) for a control port and a one-time nonce, connects,
 goes through the same opening as the rpyc connection (``djinn_nb.auth``: TLS when the server
 has a certificate, then the token challenge) and proves the nonce; from then on each call is
-one request frame and one reply frame on that socket.
-The server runs the very same exposed method (``kernel_server.service.invoke``) with the
-same argument checks and typed errors; only the transport differs.
+one request frame and one reply frame on that socket (``djinn_protocol.framing``). The
+server dispatches it through the same table of calls with the same checks and typed errors
+as over rpyc; only the transport differs.
 
-A frame is ``!IQ`` (meta length, payload length), the meta JSON (``djinn_nb.wire``'s
-structure: ``{"call", "args"}`` or ``{"ok"}`` / ``{"error"}``, arrays as placeholders with
-dtype and shape), then the arrays' raw bytes back to back. Arrays are sent from their own
-memory (``sendmsg`` of views) and received straight into freshly allocated numpy arrays
-(``recv_into``): no extra copy on either side.
-
-If the server offers no control channel (an older server) or ``$DJINN_CONTROL=0``, the
-client keeps using rpyc for every call.
+With ``$DJINN_CONTROL=0`` the client keeps using rpyc for every call.
 """
 from __future__ import annotations
 
@@ -25,160 +18,20 @@ import logging
 import os
 import select
 import socket
-import struct
 import threading
 
-import numpy as np
-
-from . import wire
-from .errors import ConnectionLostError, DjinnError, InvalidArgumentError
+from djinn_protocol import wire
+from djinn_protocol.errors import DjinnError
+from djinn_protocol.framing import (ACK, ARRAY_MARK, HEADER, MAX_PAYLOAD, FrameReader,
+                                    ProtocolError, receive_arrays, recv_exact, send_frame)
 
 log = logging.getLogger("djinn_nb.control")
 
-HEADER = struct.Struct("!IQ")         # meta bytes, payload bytes
-MAX_META = 64 << 20                   # a frame's JSON part
-MAX_PAYLOAD = 1 << 40                 # a frame's arrays
 ENV = "DJINN_CONTROL"                 # "0": never open a control channel (rpyc only)
-ACK = b"\x01"
-ARRAY_MARK = b'"__ndarray__"'         # in a frame's meta iff it carries arrays (wire's key)
-_IOV_MAX = 512                        # buffers per sendmsg call
-
-
-class ProtocolError(ConnectionLostError):
-    """A frame that breaks the control protocol; the channel is closed."""
 
 
 class ReplyTimeout(Exception):
     """No reply within the client's timeout; the late reply is dropped when it comes."""
-
-
-# ---- framing, used by both ends ------------------------------------------------------------
-def send_frame(sock: socket.socket, meta: bytes, blobs=()) -> int:
-    """Send one frame: header and meta in one buffer, then each blob from its own memory.
-    Returns the bytes sent."""
-    if not blobs:                                   # the usual small message: one send
-        head = HEADER.pack(len(meta), 0) + meta
-        sock.sendall(head)
-        return len(head)
-    payload = sum(len(b) for b in blobs)
-    head = HEADER.pack(len(meta), payload) + meta
-    send_buffers(sock, [head, *blobs])
-    return len(head) + payload
-
-
-def send_buffers(sock: socket.socket, buffers: list) -> None:
-    """``sendall`` of several buffers with as few system calls as possible (``sendmsg``)."""
-    if not hasattr(sock, "sendmsg") or hasattr(sock, "cipher"):     # TLS sockets: no sendmsg
-        for b in buffers:
-            sock.sendall(b)
-        return
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    while views:
-        sent = sock.sendmsg(views[:_IOV_MAX])
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if sent:
-            views[0] = views[0][sent:]
-
-
-class FrameReader:
-    """Reads frames from a socket through one reusable buffer: a small frame costs one
-    ``recv`` system call; a large payload goes straight into its destination array."""
-
-    def __init__(self, sock: socket.socket, size: int = 1 << 16):
-        self.sock = sock
-        self._buf = bytearray(size)
-        self._view = memoryview(self._buf)
-        self._start = 0
-        self._end = 0
-
-    def buffered(self) -> int:
-        return self._end - self._start
-
-    def _fill(self) -> None:
-        if self._start == self._end:
-            self._start = self._end = 0
-        elif self._end == len(self._buf):            # move the tail to the front
-            n = self._end - self._start
-            self._buf[:n] = self._buf[self._start:self._end]
-            self._start, self._end = 0, n
-        got = self.sock.recv_into(self._view[self._end:])
-        if got == 0:
-            raise EOFError("the control channel was closed by the other end")
-        self._end += got
-
-    def read(self, n: int) -> bytes:
-        if n > len(self._buf):
-            out = bytearray(n)
-            self.read_into(memoryview(out))
-            return bytes(out)
-        while self._end - self._start < n:
-            self._fill()
-        out = bytes(self._view[self._start:self._start + n])
-        self._start += n
-        return out
-
-    def read_into(self, view: memoryview) -> None:
-        n = len(view)
-        have = min(n, self._end - self._start)
-        if have:
-            view[:have] = self._view[self._start:self._start + have]
-            self._start += have
-        got = have
-        while got < n:
-            k = self.sock.recv_into(view[got:])
-            if k == 0:
-                raise EOFError(f"the control channel was closed after {got} of {n} payload bytes")
-            got += k
-
-    def skip(self, n: int) -> None:
-        while n:
-            if self._start == self._end:
-                self._fill()
-            k = min(n, self._end - self._start)
-            self._start += k
-            n -= k
-
-    def read_header(self) -> tuple[int, int]:
-        return HEADER.unpack(self.read(HEADER.size))
-
-    def read_meta(self, limit: int = MAX_META) -> tuple[bytes | None, int]:
-        """The next frame's meta bytes and payload length (the payload is left to read).
-        A small frame costs one ``recv``. Meta over ``limit``: ``(None, payload)``, unread."""
-        while self._end - self._start < HEADER.size:
-            self._fill()
-        meta_len, payload = HEADER.unpack_from(self._buf, self._start)
-        if meta_len > limit:
-            return None, payload
-        self._start += HEADER.size
-        if self._end - self._start >= meta_len:       # (all in the buffer already)
-            meta = bytes(self._view[self._start:self._start + meta_len])
-            self._start += meta_len
-            return meta, payload
-        return self.read(meta_len), payload
-
-
-def receive_arrays(reader: FrameReader, specs: list, payload: int) -> list:
-    """The frame's arrays, read straight into new numpy arrays (``specs`` from
-    ``wire.array_specs``, checked against the header's payload length)."""
-    if sum(nbytes for _, _, nbytes in specs) != payload:
-        raise InvalidArgumentError(f"the frame announces {payload} payload bytes but its arrays "
-                                   f"need {sum(n for _, _, n in specs)}")
-    arrays = []
-    for dtype, shape, nbytes in specs:
-        array = np.empty(shape, dtype=np.dtype(dtype).newbyteorder("<"))
-        if nbytes:
-            reader.read_into(memoryview(array.reshape(-1).view(np.uint8)))
-        arrays.append(array)
-    return arrays
-
-
-def decode_meta(meta: bytes):
-    try:
-        return json.loads(meta)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidArgumentError(f"malformed request: {str(exc)[:200]}") from None
 
 
 # ---- the client end ----------------------------------------------------------------------
@@ -300,7 +153,6 @@ def open_channel(host: str, offer: dict, token: str | None, tls=None,
     same opening as the rpyc connection (``djinn_nb.auth``: TLS with the client's context
     ``tls`` when the server has a certificate, then the token challenge), prove the nonce."""
     from .auth import client_handshake
-    from .bulk import recv_exact
     sock = socket.create_connection((host, int(offer["port"])), timeout=connect_timeout)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)   # (the server sets it too)
@@ -318,31 +170,3 @@ def open_channel(host: str, offer: dict, token: str | None, tls=None,
 
 def enabled() -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
-def attach(client, timeout: float | None = None, tls=None) -> ControlChannel | None:
-    """Open ``client``'s control channel; None keeps every call on rpyc: ``$DJINN_CONTROL=0``,
-    a server without one, or a failure to open it (logged)."""
-    if not enabled():
-        return None
-    from .client import parse_address
-    try:
-        offer = client._call("open_control")
-    except DjinnError as exc:            # an older server: rpyc only
-        log.info("no control channel (%s): every call goes through rpyc", exc)
-        return None
-    host, _ = parse_address(client.address)
-
-    def account(sent: int, received: int, payload: int) -> None:
-        # client.stats(): JSON and headers count as bytes_sent / bytes_received, like rpyc
-        # messages; raw array payloads in replies as bulk_bytes_received, like bulk transfers
-        with client._lock:
-            client._counter.sent += sent
-            client._counter.received += received
-            client._bulk_bytes += payload
-    try:
-        return open_channel(host, offer, client._token, tls, timeout=timeout, account=account)
-    except (DjinnError, OSError) as exc:
-        log.warning("cannot open the control channel to %s:%s (%s: %s); every call goes "
-                    "through rpyc", host, offer.get("port"), type(exc).__name__, exc)
-        return None

@@ -10,9 +10,9 @@ import tempfile
 import threading
 import time
 
-from .errors import ConnectionLostError
+from djinn_protocol.errors import ConnectionLostError
+from djinn_protocol.handshake import READY_PREFIX
 
-READY_PREFIX = "DJINN_SERVER_READY"   # printed by kernel_server.cli once it serves (one definition)
 
 
 class LocalServer:

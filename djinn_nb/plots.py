@@ -1,18 +1,19 @@
-"""Plotly figures of generations, divergence and latency, without widgets.
+"""Plotly figures and HTML views of generations, divergence and latency, without widgets.
 
-For papers and static notebooks: every function returns a ``plotly.graph_objects.Figure``
-(plotly is imported inside the functions, so ``import djinn_nb`` stays light). The
-dashboard (``dj.Dashboard``) draws the same figures and copies their data into live
-``FigureWidget``s, so each figure always has the same traces, empty when there is no data.
+For papers and static notebooks: every figure function returns a
+``plotly.graph_objects.Figure`` (plotly is imported inside the functions, so
+``import djinn_nb`` stays light); ``token_table`` returns an HTML string. The dashboard
+(``dj.Dashboard``) draws the same figures and copies them into live ``FigureWidget`` objects,
+so each figure always has the same traces, empty when there is no data.
 
 >>> fig = dj.plots.divergence(base, steered)     # Finished / GenerationResult / Divergence
->>> fig = dj.plots.latency(steered, rtt_ms=client.stats()["rtt_ms"])
->>> html = dj.plots.token_table(base, steered)   # an HTML string: tokens aligned, divergent marked
+>>> fig = dj.plots.latency(steered, baseline=base, rtt_ms=[client.ping() for _ in range(5)])
+>>> html = dj.plots.token_table(base, steered)   # tokens aligned, divergence coloured, top-k on hover
 """
 from __future__ import annotations
 
 import html as _html
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -21,6 +22,8 @@ BASE_COLOUR = "#4c78a8"
 STEER_COLOUR = "#e45756"
 AGREE_COLOUR = "#54a24b"
 DIVERGENT_BG = "#ffd6d6"
+#: whitespace drawn visibly in token labels (a bare " " or "\n" cell reads as empty)
+_VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5", "\r": "\u240d"}
 
 
 def _go():
@@ -35,16 +38,29 @@ def _result(x):
 def _layout(fig, title: str, height: int = 280):
     # the legend goes under the plot: long titles and subplot titles stay readable
     fig.update_layout(title=dict(text=title, font=dict(size=13)), height=height + 40,
-                      margin=dict(l=50, r=50, t=50, b=40), template="plotly_white",
+                      margin=dict(l=60, r=60, t=60, b=40), template="plotly_white",
                       legend=dict(orientation="h", yanchor="top", y=-0.25, x=0, xanchor="left"))
     return fig
 
 
+def token_label(text: str) -> str:
+    """``text`` with whitespace made visible: ␣ for a space, ↵ newline, ⇥ tab; ∅ for ''."""
+    return "".join(_VISIBLE.get(c, c) for c in text) or "\u2205"
+
+
+def format_probability(p: float) -> str:
+    """A probability with enough digits to tell small ones apart: 0.412, 0.0371, 3.2e-05."""
+    p = float(p)
+    if p >= 0.01 or p == 0.0:
+        return f"{p:.3f}"
+    return f"{p:.2g}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def divergence(base=None, steered=None, *, div=None, title: Optional[str] = None):
-    """Per generated step: KL(baseline || steered) (left axis, nats) and top-1 agreement
-    (right axis, 1 = same argmax), of two results of the same prompt generated with
-    ``return_logits=True``. Pass ``div=`` a ``dj.Divergence`` to skip computing it.
-    Traces (always two): ``KL``, ``top-1 agree``."""
+    """Per generated token: KL(baseline || steered) of the next-token distributions (left
+    axis, nats) and top-1 agreement (right axis, 1 = same argmax), of two results of the
+    same prompt generated with ``return_logits=True``. Pass ``div=`` a ``dj.Divergence``
+    to skip computing it. Traces (always two): ``KL``, ``top-1 agree``."""
     go = _go()
     if div is None and base is not None and steered is not None:
         from .divergence import divergence as compute
@@ -57,125 +73,232 @@ def divergence(base=None, steered=None, *, div=None, title: Optional[str] = None
                              line=dict(color=STEER_COLOUR)))
     fig.add_trace(go.Scatter(x=steps, y=agree, name="top-1 agree", mode="markers",
                              marker=dict(color=AGREE_COLOUR, symbol="square", size=8), yaxis="y2"))
-    if title is None:
-        title = "divergence per step (steered vs baseline)"
-        if div is not None:
-            s = div.summary()
-            title += (f": mean KL {s['mean_kl']:.3g}, top-1 agree {s['top1_agreement']:.0%}, "
-                      f"first divergent step {s['first_divergent_step']}")
-    fig.update_layout(xaxis=dict(title="step"), yaxis=dict(title="KL (nats)", rangemode="tozero"),
+    fig.update_layout(xaxis=dict(title="generated token (step)"),
+                      yaxis=dict(title="KL(baseline || steered), nats", rangemode="tozero"),
                       yaxis2=dict(title="top-1 agree", overlaying="y", side="right",
                                   range=[-0.1, 1.1], tickvals=[0, 1]))
-    return _layout(fig, title)
+    return _layout(fig, title if title is not None else _divergence_title(div))
+
+
+def _divergence_title(div) -> str:
+    title = "Next-token divergence per generated token, steered vs baseline"
+    if div is None:
+        return title
+    s = div.summary()
+    first = s["first_divergent_step"]
+    where = ("no generated token differs" if first is None
+             else f"first differing token at step {first}")
+    return (f"{title}<br><sub>mean KL {s['mean_kl']:.3g} nats, top-1 agreement "
+            f"{s['top1_agreement']:.0%}, {where} ({s['steps']} steps)</sub>")
+
+
+def _steps_of(x) -> list:
+    r = _result(x)
+    return list(r.steps) if hasattr(r, "steps") else list(x or [])
 
 
 def latency(result_or_steps=None, *, baseline=None, rtt_ms: Optional[Sequence[float]] = None,
-            checkpoints: Optional[Sequence[dict]] = None, title: str = "latency"):
-    """Three panels: per-step ``forward_ms`` and ``paused_ms`` of a run (and the baseline's
-    ``forward_ms`` when given); client round trips per call (``client.stats()["rtt_ms"]``);
-    checkpoint timings, one group per checkpoint, from dicts with ``label`` and any of
-    ``dispatch_ms`` (server-side ``checkpoint()`` dispatch), ``ready_ms`` (client wall time
-    from the ``checkpoint()`` call until ``wait()`` returned: dispatch + copy + round trips)
-    and ``restore_ms`` (client wall time of ``restore()``).
-    Traces (always seven): forward, paused, baseline forward, round trip, dispatch,
-    ready, restore."""
-    go = _go()
+            checkpoints: Optional[Sequence[dict]] = None,
+            title: str = "Where the time goes (milliseconds)"):
+    """Four panels, all in milliseconds. *Prefill*: the forward time of step 0 (the whole
+    prompt) of the run and of ``baseline``. *Decode*: per generated token after the first,
+    ``forward_ms`` (compute, excluding pauses) and ``paused_ms`` of the run, and the
+    baseline's ``forward_ms``. *Round trip*: ``rtt_ms``, samples of calls that do no model
+    compute (``client.ping()``), so the network is not confused with generation time.
+    *Checkpoints*: one group per dict with ``label`` and any of ``dispatch_ms`` (server
+    side), ``ready_ms`` (client: ``checkpoint()`` until ``wait()`` returned) and
+    ``restore_ms`` (client: ``restore()``).
+    Traces (always eight): forward, paused, baseline forward, prefill, round trip,
+    dispatch, ready (client), restore (client)."""
     from plotly.subplots import make_subplots
-    steps = _result(result_or_steps).steps if hasattr(_result(result_or_steps), "steps") \
-        else list(result_or_steps or [])
-    bsteps = _result(baseline).steps if baseline is not None else []
-    rtt = list(rtt_ms or [])
-    cks = list(checkpoints or [])
-    fig = make_subplots(rows=1, cols=3, column_widths=[0.45, 0.3, 0.25], horizontal_spacing=0.08,
-                        subplot_titles=("per step (ms)", "client round trips (ms)",
-                                        "checkpoints (ms)"))
-    fig.add_trace(go.Bar(x=[r.step for r in steps], y=[r.forward_ms for r in steps],
-                         name="forward", marker_color=STEER_COLOUR), row=1, col=1)
-    fig.add_trace(go.Bar(x=[r.step for r in steps], y=[r.paused_ms for r in steps],
-                         name="paused", marker_color="#f2cf5b"), row=1, col=1)
-    fig.add_trace(go.Scatter(x=[r.step for r in bsteps], y=[r.forward_ms for r in bsteps],
+    steps, bsteps = _steps_of(result_or_steps), _steps_of(baseline)
+    fig = make_subplots(rows=1, cols=4, column_widths=[0.12, 0.43, 0.2, 0.25],
+                        horizontal_spacing=0.07,
+                        subplot_titles=("prefill", "decode, per token", "round trip (no compute)",
+                                        "checkpoints"))
+    _step_traces(fig, steps, bsteps, _go())
+    rtt = [float(v) for v in (rtt_ms or [])]
+    fig.add_trace(_go().Scatter(x=list(range(1, len(rtt) + 1)), y=rtt, name="round trip",
+                                mode="lines+markers", line=dict(color="#72b7b2")), row=1, col=3)
+    _checkpoint_bars(fig, list(checkpoints or []), _go())
+    fig.update_layout(barmode="group")
+    fig.update_xaxes(title_text="step", row=1, col=2)
+    fig.update_xaxes(title_text="sample", row=1, col=3)
+    fig.update_yaxes(rangemode="tozero")
+    for col, unit in ((1, "ms"), (2, "ms per token"), (3, "ms"), (4, "ms")):
+        fig.update_yaxes(title_text=unit, row=1, col=col)
+    return _layout(fig, title, height=300)
+
+
+def _step_traces(fig, steps: list, bsteps: list, go) -> None:
+    """Decode steps (after the first token) in column 2, the prefill (step 0) in column 1."""
+    decode, bdecode = [r for r in steps if r.step > 0], [r for r in bsteps if r.step > 0]
+    fig.add_trace(go.Bar(x=[r.step for r in decode], y=[r.forward_ms for r in decode],
+                         name="forward", marker_color=STEER_COLOUR), row=1, col=2)
+    fig.add_trace(go.Bar(x=[r.step for r in decode], y=[r.paused_ms for r in decode],
+                         name="paused", marker_color="#f2cf5b"), row=1, col=2)
+    fig.add_trace(go.Scatter(x=[r.step for r in bdecode], y=[r.forward_ms for r in bdecode],
                              name="baseline forward", mode="lines",
-                             line=dict(color=BASE_COLOUR)), row=1, col=1)
-    fig.add_trace(go.Scatter(x=list(range(len(rtt))), y=rtt, name="round trip", mode="lines",
-                             line=dict(color="#72b7b2")), row=1, col=2)
+                             line=dict(color=BASE_COLOUR)), row=1, col=2)
+    runs = [(name, s[0].forward_ms, c) for name, s, c in
+            (("baseline", bsteps, BASE_COLOUR), ("run", steps, STEER_COLOUR)) if s and s[0].step == 0]
+    fig.add_trace(go.Bar(x=[r[0] for r in runs], y=[r[1] for r in runs], name="prefill",
+                         marker_color=[r[2] for r in runs]), row=1, col=1)
+
+
+def _checkpoint_bars(fig, cks: list, go) -> None:
     labels = [c.get("label", str(i)) for i, c in enumerate(cks)]
     for key, name, colour in (("dispatch_ms", "dispatch", "#b279a2"),
                               ("ready_ms", "ready (client)", "#ff9da6"),
                               ("restore_ms", "restore (client)", "#9d755d")):
         fig.add_trace(go.Bar(x=labels, y=[c.get(key) for c in cks], name=name,
-                             marker_color=colour), row=1, col=3)
-    fig.update_layout(barmode="group")
-    fig.update_xaxes(title_text="step", row=1, col=1)
-    fig.update_xaxes(title_text="call", row=1, col=2)
-    fig.update_yaxes(type="log", row=1, col=2)
-    return _layout(fig, title, height=300)
+                             marker_color=colour), row=1, col=4)
 
 
 def activation_norms(norms=None, *, start: int = 0, layer: Optional[int] = None,
-                     step: Optional[int] = None):
-    """Bars of the activation norm per position (``session.activation(reduce="norm")``),
-    positions numbered from ``start`` (``Paused.start``). Traces (always one): ``norm``."""
+                     step: Optional[int] = None, site: str = "resid"):
+    """Bars of the L2 norm of the paused hidden state per position
+    (``session.activation(reduce="norm")``), positions numbered from ``start``
+    (``Paused.start``) and drawn as categories: a decode pause (one position) is one
+    narrow bar, not a bar across a fractional axis. Traces (always one): ``norm``."""
     go = _go()
     norms = [] if norms is None else [float(v) for v in np.atleast_1d(norms)]
-    fig = go.Figure(go.Bar(x=[start + i for i in range(len(norms))], y=norms, name="norm",
-                           marker_color=BASE_COLOUR))
-    where = "" if layer is None else f" after block {layer}, step {step}"
-    fig.update_layout(xaxis=dict(title="position", type="category"), yaxis=dict(title="||h||"))
-    return _layout(fig, "activation norm per position" + where, height=250)
+    x = [str(start + i) for i in range(len(norms))]
+    fig = go.Figure(go.Bar(x=x, y=norms, name="norm", marker_color=BASE_COLOUR,
+                           width=[0.4 if len(norms) == 1 else 0.8] * len(norms)))
+    title = "L2 norm of the hidden state per position"
+    if layer is not None:
+        where = "" if site == "resid" else f" ({site})"
+        what = "1 position: this step's token" if len(norms) == 1 else f"{len(norms)} positions"
+        title += f"<br><sub>after block {layer}{where}, step {step}; {what}</sub>"
+    fig.update_layout(xaxis=dict(title="position", type="category"),
+                      yaxis=dict(title="||h|| (L2)", rangemode="tozero"))
+    return _layout(fig, title, height=250)
 
 
 def layer_heatmap(norms: Optional[dict] = None, *, layers: int = 0, steps: int = 0,
-                  title: str = "activation norm of the current token, by layer (pauses seen)"):
+                  title: str = "L2 norm of each step's token after each block (pauses seen)"):
     """Heatmap of activation norms: ``norms`` maps ``(layer, step)`` to the norm of that
     step's token after block ``layer``; cells never paused at stay empty (no data is
-    invented). Traces (always one heatmap)."""
+    invented). The colour scale starts at 0 (norms are never negative) and every row is
+    inside the axis. Traces (always one heatmap)."""
     go = _go()
     norms = norms or {}
     n_steps = max([steps] + [s + 1 for (_, s) in norms])
     n_layers = max([layers] + [l + 1 for (l, _) in norms])
     z = [[norms.get((l, s)) for s in range(n_steps)] for l in range(n_layers)]
+    top = max([v for v in norms.values() if v is not None], default=1.0)
     fig = go.Figure(go.Heatmap(z=z, x=list(range(n_steps)), y=list(range(n_layers)),
                                colorscale="Viridis", hoverongaps=False, name="norm",
+                               zmin=0.0, zmax=top if top > 0 else 1.0,
                                colorbar=dict(title="||h||")))
-    fig.update_layout(xaxis=dict(title="step"), yaxis=dict(title="layer"))
-    return _layout(fig, title, height=280)
+    fig.update_layout(xaxis=dict(title="step", range=[-0.5, max(n_steps, 1) - 0.5]),
+                      yaxis=dict(title="block (layer)", range=[-0.5, max(n_layers, 1) - 0.5]))
+    return _layout(fig, title, height=max(260, 12 * n_layers + 120))
 
 
-def _token_cell(text: str, style: str = "") -> str:
-    shown = _html.escape(text.replace("\n", "\u21b5"), quote=True) or "&nbsp;"
-    return f'<td style="padding:2px 4px;border:1px solid #ddd;white-space:pre;{style}">{shown}</td>'
+def _comparable_divergence(base, steered):
+    """``dj.divergence`` of the two runs, or None when they cannot be compared (another
+    prompt, no logits): the table then only marks differing tokens."""
+    if base is None or steered is None:
+        return None
+    a, b = _result(base), _result(steered)
+    if a.prompt_tokens != b.prompt_tokens or a.logits is None or b.logits is None:
+        return None
+    from .divergence import divergence as compute
+    return compute(a, b)
 
 
-def token_table(base=None, steered=None, *, labels: Sequence[str] = ("baseline", "steered")) -> str:
-    """An HTML table aligning two generations token by token (one column per step);
-    tokens of ``steered`` that differ from ``base`` are highlighted (class ``dj-div``)."""
-    a = [r.text for r in _result(base).steps] if base is not None else []
-    b = [r.text for r in _result(steered).steps] if steered is not None else []
-    n = max(len(a), len(b))
-    head = "".join(f'<th style="padding:2px 4px;color:#888;font-weight:normal">{i}</th>'
-                   for i in range(n))
-    row_a, row_b = [], []
-    for i in range(n):
-        ta = a[i] if i < len(a) else ""
-        tb = b[i] if i < len(b) else ""
-        differs = i < len(a) and i < len(b) and ta != tb
-        row_a.append(_token_cell(ta))
-        row_b.append(_token_cell(tb, f"background:{DIVERGENT_BG};font-weight:bold;")
-                     .replace("<td ", '<td class="dj-div" ', 1) if differs else _token_cell(tb))
-    return ('<div style="overflow-x:auto"><table class="dj-tokens" '
+def _hover(rec, names: Callable[[int], str], note: str) -> str:
+    lines = [f"step {rec.step}: {token_label(rec.text)}" + note, "top-k next-token probabilities:"]
+    lines += [f"  {names(int(i))}  {format_probability(p)}"
+              for i, p in zip(rec.top_ids, rec.top_probs)]
+    return _html.escape("\n".join(lines), quote=True).replace("\n", "&#10;")
+
+
+def _cell(rec, names, style: str = "", cls: str = "", note: str = "") -> str:
+    base = "padding:2px 4px;border:1px solid #ddd;white-space:pre;"
+    if rec is None:
+        return f'<td style="{base}">&nbsp;</td>'
+    klass = f' class="{cls}"' if cls else ""
+    return (f'<td{klass} title="{_hover(rec, names, note)}" style="{base}{style}">'
+            f'{_html.escape(token_label(rec.text))}</td>')
+
+
+def _namer(runs, token_text) -> Callable[[int], str]:
+    known = {r.token_id: r.text for steps in runs for r in steps}
+
+    def name(i: int) -> str:
+        text = known.get(i)
+        if text is None and token_text is not None:
+            text = token_text(i)
+        return f"#{i}" if text is None else token_label(text)
+    return name
+
+
+def token_table(base=None, steered=None, *, labels: Sequence[str] = ("baseline", "steered"),
+                div=None, token_text: Optional[Callable[[int], Optional[str]]] = None,
+                per_row: int = 24, max_height: str = "15em") -> str:
+    """An HTML view aligning two generations token by token, ``per_row`` steps per block,
+    inside a box of at most ``max_height`` that scrolls on its own (a long run never
+    widens the page). Whitespace is drawn visibly (␣, ↵). Steered tokens that differ from
+    ``base`` are bold and underlined (class ``dj-div``); with the logits of both runs of
+    the same prompt (or ``div=``, a ``dj.Divergence``) each steered cell is shaded by that
+    step's KL(baseline || steered). Hovering a cell shows its step and the top-k
+    next-token probabilities; ``token_text(id)`` names top-k ids that neither run chose
+    (else they show as ``#id``)."""
+    a = _steps_of(base) if base is not None else []
+    b = _steps_of(steered) if steered is not None else []
+    if div is None:
+        div = _comparable_divergence(base, steered)
+    names = _namer((a, b), token_text)
+    kl = [float(v) for v in div.kl] if div is not None else []
+    top = max(kl, default=0.0)
+    rows = []
+    for lo in range(0, max(len(a), len(b)), per_row):
+        idx = range(lo, min(lo + per_row, max(len(a), len(b))))
+        rows.append('<tr><th></th>' + "".join(
+            f'<th style="padding:2px 4px;color:#888;font-weight:normal">{i}</th>' for i in idx)
+            + "</tr>")
+        rows.append(_row(labels[0], BASE_COLOUR,
+                         [_cell(a[i] if i < len(a) else None, names) for i in idx]))
+        rows.append(_row(labels[1], STEER_COLOUR,
+                         [_steered_cell(a, b, i, kl, top, names) for i in idx]))
+    legend = ("<div style='color:#777;font-size:11px'>shade: KL(baseline || steered) of the "
+              "step (darker = larger); <b><u>bold</u></b>: the token differs; hover a token "
+              "for the top-k probabilities</div>" if b else "")
+    return (f'<div class="dj-token-scroll" style="width:100%;max-width:100%;max-height:{max_height};'
+            'overflow:auto;box-sizing:border-box"><table class="dj-tokens" '
             'style="border-collapse:collapse;font-family:monospace;font-size:12px">'
-            f'<tr><th></th>{head}</tr>'
-            f'<tr><th style="text-align:left;color:{BASE_COLOUR}">{_html.escape(labels[0])}</th>'
-            f'{"".join(row_a)}</tr>'
-            f'<tr><th style="text-align:left;color:{STEER_COLOUR}">{_html.escape(labels[1])}</th>'
-            f'{"".join(row_b)}</tr></table></div>')
+            + "".join(rows) + f"</table></div>{legend}")
+
+
+def _row(label: str, colour: str, cells: list) -> str:
+    return (f'<tr><th style="text-align:left;color:{colour};padding-right:6px">'
+            f'{_html.escape(label)}</th>{"".join(cells)}</tr>')
+
+
+def _steered_cell(a: list, b: list, i: int, kl: list, top: float, names) -> str:
+    if i >= len(b):
+        return _cell(None, names)
+    differs = i < len(a) and a[i].text != b[i].text
+    style, note = "", ""
+    if i < len(kl):
+        note = f" (KL {kl[i]:.3g} nats)"
+        if top > 0 and kl[i] > 0:
+            style = f"background:rgba(228,87,86,{0.08 + 0.6 * kl[i] / top:.2f});"
+    elif differs:
+        style = f"background:{DIVERGENT_BG};"
+    if differs:
+        style += "font-weight:bold;text-decoration:underline;"
+    return _cell(b[i], names, style, "dj-div" if differs else "", note)
 
 
 def patching_heatmap(result, labels: Optional[Sequence[str]] = None):
     """Heatmap of a patching sweep (``PatchingResult``): layers x positions, normalised so
     the corrupted run is 0 and the clean run 1."""
     go = _go()
-    x = [f"{p}: {labels[p]}" if labels is not None and p < len(labels) else str(p)
+    x = [f"{p}: {token_label(labels[p])}" if labels is not None and p < len(labels) else str(p)
          for p in result.positions]
     fig = go.Figure(go.Heatmap(z=result.normalized, x=x, y=[str(layer) for layer in result.layers],
                                colorscale="RdBu", zmid=0, colorbar=dict(title="patched")))
@@ -188,15 +311,21 @@ def patching_heatmap(result, labels: Optional[Sequence[str]] = None):
 
 def logit_lens(lens: dict, title: str = "Logit lens"):
     """The top-1 token and its probability after each layer (``Session.lens`` output), and
-    the target token's probability per layer when one was given."""
+    the target token's probability per layer when one was given. Labels show whitespace
+    (␣, ↵) and small probabilities in scientific notation; the axis fits them."""
     go = _go()
     layers = lens["layers"]
     top_p = np.asarray(lens["top_probs"])[:, 0]
+    text = [f"{token_label(row[0])} {format_probability(p)}"
+            for row, p in zip(lens["top_tokens"], top_p)]
     fig = go.Figure(go.Bar(x=layers, y=top_p, name="top-1 probability", marker_color=BASE_COLOUR,
-                           text=[row[0] for row in lens["top_tokens"]], textposition="outside"))
+                           text=text, textposition="outside"))
+    peak = float(top_p.max()) if top_p.size else 1.0
     if "target_probs" in lens:
-        fig.add_trace(go.Scatter(x=layers, y=np.asarray(lens["target_probs"]), mode="lines+markers",
+        target = np.asarray(lens["target_probs"])
+        peak = max(peak, float(target.max()) if target.size else 0.0)
+        fig.add_trace(go.Scatter(x=layers, y=target, mode="lines+markers",
                                  name="target probability", line=dict(color=STEER_COLOUR)))
     fig.update_xaxes(title_text="layer")
-    fig.update_yaxes(title_text="probability", range=[0, 1.1])
+    fig.update_yaxes(title_text="probability", range=[0, 1.1 if peak > 0.5 else peak * 1.3 or 1.0])
     return _layout(fig, title)

@@ -13,7 +13,7 @@ made is an error, and no connection is left open.
 from __future__ import annotations
 
 from .client import Client, parse_address
-from .errors import InvalidArgumentError
+from djinn_protocol.errors import InvalidArgumentError
 
 
 def _per_server(value, address: str, what: str):
@@ -75,7 +75,7 @@ class Pool:
             if model == info.get("default_model") or model in (info.get("loaded_models") or []):
                 return c
         for c in self.clients.values():          # loaded since connecting?
-            info = c._call("hello")
+            info = c.call("hello")
             if model in (info.get("loaded_models") or []):
                 return c
         return self.client()

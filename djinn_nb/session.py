@@ -40,8 +40,8 @@ class Session:
         self.layer_devices: list = info.get("layer_devices", [self.device] * self.layers)
         self.last_event: Optional[Event] = None
 
-    def _call(self, name: str, **kwargs):
-        return self.client._call(name, session=self.id, **kwargs)
+    def _request(self, name: str, **kwargs):
+        return self.client.call(name, session=self.id, **kwargs)
 
     def _event(self, wire_event: dict) -> Event:
         self.last_event = event_from_wire(wire_event)
@@ -50,7 +50,7 @@ class Session:
     # ---- state -------------------------------------------------------------------------
     def info(self) -> dict:
         """State, model facts, breakpoints and steering rules, as the server sees them."""
-        return self._call("session_info")
+        return self._request("session_info")
 
     @property
     def state(self) -> str:
@@ -66,12 +66,12 @@ class Session:
         output before the residual add), "heads" (per-head attention output, read as
         [positions, heads, head_dim]) or "module:<dotted.path>" (any module's output;
         ``layer`` is then not needed)."""
-        return self._call("set_breakpoint", layer=layer, phase=phase, site=site,
+        return self._request("set_breakpoint", layer=layer, phase=phase, site=site,
                           steps=None if steps is None else list(np.atleast_1d(steps).tolist()))
 
     def clear_breakpoints(self, layer: Optional[int] = None, site: Optional[str] = None) -> int:
         """Remove all breakpoints (or those at ``layer`` / ``site``); returns how many."""
-        return self._call("clear_breakpoints", layer=layer, site=site)
+        return self._request("clear_breakpoints", layer=layer, site=site)
 
     def steer(self, layer: Optional[int] = None, *, scale: Optional[float] = None, add=None,
               alpha: float = 1.0, set=None, positions: Positions = "all", phase: str = "both",
@@ -82,14 +82,14 @@ class Session:
         (patching: ``set=cached_rows, positions=[...]``). ``site`` as in ``breakpoint``;
         ``site="heads", head=3, scale=0.0`` zero-ablates head 3 (vectors are then
         [head_dim]). ``rows``: in a batched generation, only these prompts (default all)."""
-        return self._call("steer", layer=layer, scale=scale, add=add, alpha=alpha, set=set,
+        return self._request("steer", layer=layer, scale=scale, add=add, alpha=alpha, set=set,
                           positions=_positions(positions), phase=phase, site=site, head=head,
                           rows=None if rows is None else [int(r) for r in np.atleast_1d(rows)],
                           steps=None if steps is None else list(np.atleast_1d(steps).tolist()))
 
     def clear_steering(self, rule_id: Optional[int] = None) -> int:
         """Remove all steering rules (or the one with ``rule_id``)."""
-        return self._call("clear_steering", rule_id=rule_id)
+        return self._request("clear_steering", rule_id=rule_id)
 
     # ---- generation ----------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens: int = 20, *, chat: bool = False,
@@ -104,23 +104,23 @@ class Session:
         with attention masks: the result is a ``BatchFinished`` with one result per
         prompt, each greedy row the same tokens as its prompt alone. Breakpoints pause the
         whole batch; ``steer(..., rows=[i])`` steers chosen rows."""
-        return self._event(self._call(
+        return self._event(self._request(
             "generate", prompt=prompt, max_new_tokens=max_new_tokens, chat=chat,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
             record_top_k=record_top_k, return_logits=return_logits))
 
     def resume(self, ignore_breakpoints: bool = False) -> Event:
         """Continue to the next pause or the end (``ignore_breakpoints=True``: to the end)."""
-        return self._event(self._call("resume", ignore_breakpoints=ignore_breakpoints))
+        return self._event(self._request("resume", ignore_breakpoints=ignore_breakpoints))
 
     def step(self, to: str = "layer") -> Event:
         """Continue and pause again at the next layer (``to="layer"``) or at the same layer
         of the next token (``to="token"``)."""
-        return self._event(self._call("step", to=to))
+        return self._event(self._request("step", to=to))
 
     def stop(self) -> Finished:
         """Abandon the paused generation; the result holds the tokens made so far."""
-        return self._event(self._call("stop"))
+        return self._event(self._request("stop"))
 
     # ---- one-shot passes --------------------------------------------------------------------
     def score(self, tokens, *, start: Optional[int] = None, steering="session",
@@ -145,7 +145,7 @@ class Session:
             tokens = [int(t) for t in tokens]
         if isinstance(steering, dict):
             steering = [steering]
-        return ScoreResult.from_wire(self._call(
+        return ScoreResult.from_wire(self._request(
             "score", tokens=tokens, start=start, steering=steering, compare=compare, top_k=top_k,
             return_logits=return_logits))
 
@@ -155,15 +155,15 @@ class Session:
         over ``positive`` minus its mean over ``negative`` (each prompt reduced to its last
         position, or with ``reduce="mean"`` the mean over its positions). float32
         ``[hidden]``; use it with ``steer(layer, add=v, alpha=...)``, save it with ``np.save``."""
-        return np.asarray(self._call("steering_vector", positive=list(positive),
+        return np.asarray(self._request("steering_vector", positive=list(positive),
                                      negative=list(negative), layer=layer, reduce=reduce))
 
     def tokenize(self, text: str) -> list:
         """Token ids of ``text`` as the server's tokenizer makes them (no special tokens)."""
-        return self._call("tokenize", text=text)
+        return self._request("tokenize", text=text)
 
     def decode(self, tokens) -> str:
-        return self._call("decode", tokens=[int(t) for t in tokens])
+        return self._request("decode", tokens=[int(t) for t in tokens])
 
     def cache(self, prompt, sites: Union[str, Sequence[str]] = "resid",
               layers: Optional[Union[int, Sequence[int]]] = None, reduce: Optional[str] = None,
@@ -174,7 +174,7 @@ class Session:
         Sites as in ``breakpoint`` plus "attn_pattern" ([heads, query, key], computed
         with eager attention). ``steering``: None (default), "session" or rule dicts."""
         from .analysis import ActivationCache
-        raw = self._call("cache", prompt=prompt, sites=[sites] if isinstance(sites, str) else list(sites),
+        raw = self._request("cache", prompt=prompt, sites=[sites] if isinstance(sites, str) else list(sites),
                          layers=None if layers is None else [int(x) for x in np.atleast_1d(layers)],
                          reduce=reduce, steering=steering)
         return ActivationCache(raw, reduce)
@@ -189,7 +189,7 @@ class Session:
             if len(ids) != 1:
                 raise ValueError(f"target {target!r} is {len(ids)} tokens; give one token")
             target = ids[0]
-        return self._call("lens", prompt=prompt, k=k, target=target,
+        return self._request("lens", prompt=prompt, k=k, target=target,
                           layers=None if layers is None else [int(x) for x in np.atleast_1d(layers)])
 
     def patch(self, clean, corrupted, answer, layers: Optional[Sequence[int]] = None,
@@ -205,7 +205,7 @@ class Session:
         layers = list(range(self.layers)) if layers is None else [int(x) for x in np.atleast_1d(layers)]
         rows = []
         for layer in tqdm(layers, desc=f"patching {site}", disable=not progress, leave=False):
-            rows.append(self._call("patch", clean=clean, corrupted=corrupted, layer=layer,
+            rows.append(self._request("patch", clean=clean, corrupted=corrupted, layer=layer,
                                    answer=answer, site=site, head=head,
                                    positions=None if positions is None else [int(p) for p in positions]))
         return PatchingResult.from_rows(rows, answer)
@@ -221,43 +221,40 @@ class Session:
         """Snapshot the generation state now (at once; the copy runs in the background).
         While paused mid-forward it captures the start of the current token."""
         from .checkpoint import Checkpoint
-        return Checkpoint(self.client, self._call("checkpoint"))
+        return Checkpoint(self.client, self._request("checkpoint"))
 
     def restore(self, ck) -> None:
         """Rewind this session to ``ck``; it is then "ready": ``resume()`` continues."""
-        self._call("restore", checkpoint=ck.id)
+        self._request("restore", checkpoint=ck.id)
         self.last_event = None
 
     def fork(self, ck) -> "Session":
         """A new, independent session starting from ``ck`` (state "ready")."""
-        return Session(self.client, self.client._call("fork", checkpoint=ck.id))
+        return Session(self.client, self.client.call("fork", checkpoint=ck.id))
 
     # ---- while paused ----------------------------------------------------------------------
     def activation(self, positions: Positions = "all", reduce: Optional[str] = None,
                    row: Optional[int] = None) -> np.ndarray:
         """The paused layer's output, float32 ``[positions, hidden]`` (with ``reduce="norm"``:
         ``[positions]``; ``"mean"``: ``[hidden]``). Edits made so far are included."""
-        out = self._call("activation", positions=_positions(positions), reduce=reduce, row=row)
-        if isinstance(out, dict) and "bulk" in out:       # large: fetched over the bulk path
-            out = self.client._fetch_array(out)
-        return out
+        return self._request("activation", positions=_positions(positions), reduce=reduce, row=row)
 
     def edit(self, *, scale: Optional[float] = None, add=None, alpha: float = 1.0, set=None,
              positions: Positions = "all", head: Optional[int] = None) -> dict:
         """Rewrite the paused hidden state before the forward pass goes on (``head``: only
         that head, when paused at site "heads")."""
-        return self._call("edit", scale=scale, add=add, alpha=alpha, set=set, head=head,
+        return self._request("edit", scale=scale, add=add, alpha=alpha, set=set, head=head,
                           positions=_positions(positions))
 
     def logit_lens(self, k: int = 10, positions: Positions = "last") -> dict:
         """The paused hidden state read through the final norm and the unembedding:
         ``top_ids`` / ``top_probs`` [positions, k] and ``top_tokens`` (texts)."""
-        return self._call("logit_lens", k=k, positions=_positions(positions))
+        return self._request("logit_lens", k=k, positions=_positions(positions))
 
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         """Release the session (and its KV cache) on the server."""
-        self.client._call("close_session", session=self.id)
+        self.client.call("close_session", session=self.id)
 
     def __enter__(self):
         return self

@@ -1,5 +1,5 @@
 """``python -m kernel_server``: start a djinn_nb kernel server."""
-from .cli import main
+from kernel_server.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -8,9 +8,9 @@ import signal
 import sys
 from pathlib import Path
 
-from djinn_nb.launcher import READY_PREFIX  # the line dj.connect() waits for
-from .models import DEFAULT_MODEL, REGISTRY
-from .validation import Limits
+from djinn_protocol.handshake import READY_PREFIX  # the line dj.connect() waits for
+from kernel_server.model.loading import DEFAULT_MODEL, REGISTRY
+from kernel_server.model.validation import Limits
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,10 +82,11 @@ def main(argv=None) -> int:
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
-    from . import fast_decode
+    from kernel_server.runtime import fast_decode
     fast_decode.set_mode(args.fast_decode)
-    from djinn_nb.errors import DjinnError
-    from .server import Kernel, KernelServer
+    from djinn_protocol.errors import DjinnError
+    from kernel_server.kernel import Kernel
+    from kernel_server.transport.server import KernelServer
     limits = Limits(max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens,
                     max_sessions_per_client=args.max_sessions_per_client,
                     checkpoint_budget_mb=args.checkpoint_budget_mb,

@@ -19,13 +19,13 @@ MIDDLE = {"tiny-gpt2": 4, "tiny-llama": 2, "smollm2-135m": 6}
 
 @pytest.fixture(scope="session")
 def kernel():
-    from kernel_server.server import Kernel
+    from kernel_server.kernel import Kernel
     return Kernel("tiny-gpt2", device=os.environ.get("DJINN_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(scope="session")
 def server(kernel):
-    from kernel_server.server import KernelServer
+    from kernel_server.transport.server import KernelServer
     srv = KernelServer(kernel, "127.0.0.1", 0).start()
     yield srv
     srv.close()
@@ -44,7 +44,7 @@ def tiny_llama_path(tmp_path_factory):
     else 4 small layers) with the tiny tokenizer, saved as a local model directory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-    from kernel_server.models import tiny_tokenizer
+    from kernel_server.model.loading import tiny_tokenizer
     tok = tiny_tokenizer()
     shape = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
                  num_attention_heads=4, num_key_value_heads=2)

@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     p_val.add_argument("config")
     args = parser.parse_args(argv)
 
-    from ..errors import DjinnError
+    from djinn_protocol.errors import DjinnError
     from . import load_config, report, run
     try:
         if args.command == "validate":

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from .stats import metric
-from .study import HOW
+from .stats import HOW, metric
 
 
 def _get(d, *path):

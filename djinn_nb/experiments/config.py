@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Union
 
-from ..errors import InvalidArgumentError
+from djinn_protocol.errors import InvalidArgumentError
 
 SCHEMA_FILE = Path(__file__).with_name("config.schema.json")
 

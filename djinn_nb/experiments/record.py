@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Optional, Union
 
-from ..errors import InvalidArgumentError
+from djinn_protocol.errors import InvalidArgumentError
 
 SCHEMA_FILE = Path(__file__).with_name("record.schema.json")
 RECORD_NAME = "record.json"

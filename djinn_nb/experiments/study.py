@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import struct
 import sys
 import tempfile
 import time
@@ -30,114 +29,16 @@ from typing import Optional, Union
 
 import numpy as np
 
-from ..errors import DjinnError, InvalidArgumentError
+from djinn_protocol.checkpoint_file import read_header, read_metadata
+from djinn_protocol.errors import DjinnError, InvalidArgumentError
+
 from ..results import Finished, Paused
 from .config import clip_layer, clip_layers, config_hash, load_config
-from .stats import clean, metric
+from .stats import HOW, clean, metric
 
 RECORD_FORMAT = "djinn-experiment-record/1"
 PROBE_PROMPT = "The quick brown fox"
 PROBE_TOKENS = 4
-
-#: how each metric is measured (copied into the record next to the numbers)
-HOW = {
-    "resume_token_identity":
-        "per run: 1 if the tokens of a generation paused at every breakpoint (each configured "
-        "layer, every decode step) and resumed with no edit equal, position by position, the "
-        "tokens of the uninterrupted baseline generated just before (same prompt, seed, "
-        "sampling), else 0; over all runs (prompts x seeds x repetitions). Must be 1.",
-    "resume_logits_identity":
-        "per run: 1 if the [steps, vocab] float32 logits returned by the resumed run are "
-        "bit-identical to the baseline's (np.array_equal), else 0.",
-    "mismatch_rate":
-        "free-running: fraction of generated steps whose token differs between the steered "
-        "and the baseline generation of the same prompt and seed (dj.divergence).",
-    "first_divergent_step":
-        "free-running: first step whose steered token differs from the baseline's; runs that "
-        "never diverge are left out (their count is in `diverged_runs`).",
-    "kl":
-        "free-running: mean over steps of KL(baseline || steered) of the next-token "
-        "distributions, in nats, from the logits both generations returned (dj.divergence); "
-        "after the first divergent token the two contexts differ.",
-    "tv": "free-running: mean over steps of the total variation distance (dj.divergence).",
-    "top1_agreement": "free-running: fraction of steps whose argmax tokens agree (dj.divergence).",
-    "rel_logit_change":
-        "free-running: mean over steps of ||steered - baseline|| / ||baseline|| of the logit "
-        "vectors (dj.divergence).",
-    "tf_kl":
-        "teacher-forced: session.score(prompt + baseline tokens, start=len(prompt), "
-        "steering=[rule], compare=True): one server-side pass over the baseline's tokens with "
-        "the rule and one without; mean over positions of KL(unsteered || steered), nats. "
-        "Same contexts for both, so it isolates the rule's effect.",
-    "tf_tv": "teacher-forced (session.score, compare=True): mean total variation distance.",
-    "tf_top1_agreement": "teacher-forced (session.score, compare=True): fraction of positions "
-                         "whose argmax agrees with the unsteered pass.",
-    "tf_rel_logit_change": "teacher-forced (session.score, compare=True): mean relative logit "
-                           "change ||steered - unsteered|| / ||unsteered||.",
-    "tf_delta_logprob":
-        "teacher-forced: mean over positions of log p_steered(baseline token) - "
-        "log p_unsteered(baseline token), from two session.score passes (steering=[rule] and "
-        "steering=None); negative: the rule makes the baseline's own continuation less likely.",
-    "resume_client_ms":
-        "client-observed wall time of one session.resume() from a pause to the next pause "
-        "(time.perf_counter around the call), averaged over the steady-state resumes of a run "
-        "(those ending at pauses of decode steps 2..n-1); one sample per run.",
-    "resume_compute_ms":
-        "server compute per steady-state resume: the step records' forward_ms (forward time "
-        "excluding time paused) of steps 2..n-1 summed and divided by the resumes that end in "
-        "those steps (the resumes ending at step k's pauses compute the end of step k-1 and the "
-        "start of step k, together one step; the result-logits copy per step is not in it).",
-    "resume_beyond_compute_ms": "resume_client_ms - resume_compute_ms: what a pause costs "
-                                "beyond the model's own work (server overhead + network).",
-    "network_rtt_ms":
-        "median of `latency.pings` client.ping() calls in the same run: one no-op call's round "
-        "trip (network + rpyc framing on both ends, no server work).",
-    "server_overhead_ms": "resume_beyond_compute_ms - network_rtt_ms: the server's own share "
-                          "(hooks, thread hand-offs, event encoding, the per-step logits copy).",
-    "pause_overhead_vs_uninterrupted_ms":
-        "((sum of client wall times of generate + every resume of the breakpoint run - its "
-        "summed forward_ms) - (the baseline's client wall time - its summed forward_ms)) / "
-        "number of pauses: the extra cost per pause against the uninterrupted run, with no "
-        "per-step compute estimate.",
-    "wire_bytes_per_resume":
-        "bytes both ways on the client's socket (client.stats() bytes_sent + bytes_received, "
-        "counted in the socket stream) plus bulk-path bytes, around one resume() that ends in "
-        "a pause; median per run.",
-    "kv_bytes_at_pause":
-        "size of the KV cache at that pause: (prompt + step - 1) positions complete in every "
-        "layer x bytes per position (a probe checkpoint's kv_nbytes / positions; the layers "
-        "before the pause also hold this token's entry, so this is a lower bound); median per run.",
-    "wire_over_kv":
-        "largest ratio wire bytes / KV bytes over the run's resumes (pauses at step 0, with "
-        "an empty cache, are left out).",
-    "result_bytes":
-        "bytes on the wire of the final resume, which returns the finished result (tokens, "
-        "step records and the [steps, vocab] logits asked for).",
-    "checkpoint_dispatch_client_ms":
-        "client wall time of session.checkpoint() while paused at layer 0 of a scheduled step "
-        "(the call returns before the device-to-host copy is done).",
-    "checkpoint_dispatch_server_ms": "the server's own dispatch time reported in the "
-                                     "checkpoint's description (Checkpoint.dispatch_ms).",
-    "checkpoint_copy_wait_ms":
-        "client wall time of ck.wait() called right after checkpoint() returned: the rest of "
-        "the copy plus one round trip (the server reports no copy duration).",
-    "checkpoint_ready_ms": "client wall time from the checkpoint() call until wait() returned.",
-    "checkpoint_restore_ms":
-        "client wall time of session.restore(ck) (host-to-device cache copy, one round trip, "
-        "the session description); the checkpoints are ready (taken with wait()).",
-    "checkpoint_restore_continue_ms":
-        "client wall time of resume(ignore_breakpoints=True) right after a restore: the rest "
-        "of the generation from the checkpoint's step.",
-    "checkpoint_restore_exact":
-        "per restore: 1 if restore + continue gives exactly the baseline's tokens, else 0.",
-    "checkpoint_generation_overhead_ms":
-        "forward_ms summed over the `overlap_steps` steps from a checkpoint's step, in a run "
-        "that resumed right after checkpoint() (copy in flight), minus the same steps of a "
-        "control run paused at the same points without a checkpoint.",
-    "checkpoint_copy_running_after_resume":
-        "per checkpoint of the overlapped run: 1 if ck.ready() was still False when the next "
-        "resume() returned (the copy really overlapped generation), else 0.",
-}
 
 
 # ---- small helpers ------------------------------------------------------------------------
@@ -169,15 +70,6 @@ def _timed(fn, *args, **kwargs):
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def _safetensors_header(path: Path) -> dict:
-    """The JSON header of a safetensors file (tensor dtypes/shapes and ``__metadata__``)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100 << 20:
-            raise ValueError("safetensors header too large")
-        return json.loads(f.read(n))
-
-
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
              "U8": 1, "BOOL": 1}
 
@@ -204,8 +96,8 @@ def probe_model(s) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="djinn-probe-")) / "probe.djckpt"
     try:
         ck.save(tmp)
-        header = _safetensors_header(tmp)
-        meta = json.loads(header.get("__metadata__", {}).get("djinn", "{}"))
+        data = tmp.read_bytes()
+        header, meta = read_header(data), read_metadata(data)
         server_versions = meta.get("versions")
         keys = header.get("kv.0.keys")
         if keys:
@@ -392,7 +284,6 @@ class _Case:
         full = list(self.base.prompt_tokens) + list(self.base.tokens)
         start = len(self.base.prompt_tokens)
         top_k = self.cfg["steering"]["score_top_k"]
-        scoring = self.ctx["score_available"]
         unsteered_lp = None
         out = []
         for var in self.ctx["variants"]:
@@ -412,34 +303,28 @@ class _Case:
             entry = {"key": var["key"], "tokens": steered.tokens, "wall_ms": wall,
                      "free": {**d.summary(), "kl": d.kl, "tv": d.tv, "top1_agree": d.top1_agree,
                               "rel_logit_change": d.rel_logit_change}}
-            if scoring:
-                sc = s.score(full, start=start, steering=[rule], compare=True, top_k=top_k)
-                lp = np.asarray(sc.token_logprobs, dtype=np.float64)
-                if unsteered_lp is None:
-                    base_lp = getattr(sc, "baseline_token_logprobs", None)
-                    if base_lp is None:      # an older server: one unsteered pass of our own
-                        base_lp = s.score(full, start=start, steering=None, compare=False,
-                                          top_k=top_k).token_logprobs
-                    unsteered_lp = np.asarray(base_lp, dtype=np.float64)
-                kl, tv = np.asarray(sc.kl, np.float64), np.asarray(sc.tv, np.float64)
-                agree = np.asarray(sc.top1_agree, bool)
-                rel = np.asarray(sc.rel_logit_change, np.float64)
-                entry["teacher_forced"] = {
-                    "positions": int(len(lp)),
-                    "mean_kl": float(kl.mean()) if kl.size else 0.0,
-                    "mean_tv": float(tv.mean()) if tv.size else 0.0,
-                    "top1_agreement": float(agree.mean()) if agree.size else 1.0,
-                    "mean_rel_logit_change": float(rel.mean()) if rel.size else 0.0,
-                    "mean_delta_logprob": (float((lp - unsteered_lp).mean())
-                                           if lp.size and unsteered_lp is not None else None),
-                    "kl": kl, "tv": tv, "top1_agree": agree, "rel_logit_change": rel,
-                    "token_logprobs": lp}
-                # before the first divergent token both runs saw the same context, so the
-                # teacher-forced and the free-running KL must agree there (up to rounding)
-                same = d.first_divergent_step if d.first_divergent_step is not None else d.steps
-                m = min(same + 1, len(kl), len(d.kl))
-                entry["teacher_forced"]["kl_vs_free_max_abs_diff"] = (
-                    float(np.abs(kl[:m] - d.kl[:m]).max()) if m else None)
+            sc = s.score(full, start=start, steering=[rule], compare=True, top_k=top_k)
+            lp = np.asarray(sc.token_logprobs, dtype=np.float64)
+            if unsteered_lp is None:       # the same for every variant: read it once
+                unsteered_lp = np.asarray(sc.baseline_token_logprobs, dtype=np.float64)
+            kl, tv = np.asarray(sc.kl, np.float64), np.asarray(sc.tv, np.float64)
+            agree = np.asarray(sc.top1_agree, bool)
+            rel = np.asarray(sc.rel_logit_change, np.float64)
+            entry["teacher_forced"] = {
+                "positions": int(len(lp)),
+                "mean_kl": float(kl.mean()) if kl.size else 0.0,
+                "mean_tv": float(tv.mean()) if tv.size else 0.0,
+                "top1_agreement": float(agree.mean()) if agree.size else 1.0,
+                "mean_rel_logit_change": float(rel.mean()) if rel.size else 0.0,
+                "mean_delta_logprob": float((lp - unsteered_lp).mean()) if lp.size else None,
+                "kl": kl, "tv": tv, "top1_agree": agree, "rel_logit_change": rel,
+                "token_logprobs": lp}
+            # before the first divergent token both runs saw the same context, so the
+            # teacher-forced and the free-running KL must agree there (up to rounding)
+            same = d.first_divergent_step if d.first_divergent_step is not None else d.steps
+            m = min(same + 1, len(kl), len(d.kl))
+            entry["teacher_forced"]["kl_vs_free_max_abs_diff"] = (
+                float(np.abs(kl[:m] - d.kl[:m]).max()) if m else None)
             out.append(entry)
         return out
 
@@ -543,8 +428,7 @@ class StudyRunner:
         cfg = self.cfg
         layers = s.layers
         ctx = {"kv_bytes_per_position": probe["kv_bytes_per_position"], "breakpoints": [],
-               "steering_layer": None, "variants": [], "vectors": {}, "checkpoint_steps": [],
-               "score_available": callable(getattr(s, "score", None))}
+               "steering_layer": None, "variants": [], "vectors": {}, "checkpoint_steps": []}
         layer_info = {"model_layers": layers}
         if cfg["breakpoints"]:
             ctx["breakpoints"] = clip_layers(cfg["breakpoints"]["layers"], layers)
@@ -612,14 +496,10 @@ class StudyRunner:
                         pass
                 entry = {
                     "model": model, **probe, "layers": ctx["layer_info"],
-                    "score_available": ctx["score_available"],
                     "steering_variants": [{k: v for k, v in var.items()}
                                           for var in ctx["variants"]],
                     "cases": cases,
                 }
-                if not ctx["score_available"] and ctx["variants"]:
-                    entry["notes"] = entry["notes"] + [
-                        "the client has no Session.score: teacher-forced metrics are missing"]
                 entry["metrics"] = model_metrics(entry, cfg)
                 record["models"].append(clean(entry))
         record["finished"] = _now()
@@ -631,7 +511,8 @@ def connect_for(cfg: dict, server: Optional[str] = None, token: Optional[str] = 
                 device: Optional[str] = None, dtype: Optional[str] = None, progress: bool = True):
     """A client for a study: ``server`` if given, else ``$DJINN_SERVER``, else a local server
     launched on the config's first model (stopped when the client closes)."""
-    from ..client import SERVER_ENV, connect
+    from ..client import SERVER_ENV
+    from ..connect import connect
     if server:
         return connect(server, token=token)
     if os.environ.get(SERVER_ENV) and device is None and dtype is None:

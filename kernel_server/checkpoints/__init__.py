@@ -1,0 +1,1 @@
+"""Checkpoints: the snapshot and its copies, the store, the file format."""

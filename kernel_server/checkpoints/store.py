@@ -1,0 +1,94 @@
+"""The checkpoints of one server: ids, owners, the host-memory budget, the pinned pool."""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+
+from djinn_protocol.errors import CheckpointError, LimitExceededError
+from kernel_server.runtime.generation import GenState
+from kernel_server.model.interventions import Interventions
+from kernel_server.model.registry import LoadedModel
+from kernel_server.checkpoints.snapshot import (Checkpoint, PinnedArena, copy_interventions,
+                                                 copy_per_device, copy_to_host, kv_slices,
+                                                 side_stream, tensor_nbytes)
+
+
+class CheckpointStore:
+    """All checkpoints of a server, each owned by one client, within a host-memory budget."""
+
+    def __init__(self, budget_bytes: int, pinned_pool_bytes: int = 0):
+        self.budget_bytes = budget_bytes
+        self.pinned_pool_bytes = min(pinned_pool_bytes, budget_bytes)
+        self.arena: PinnedArena | None = None
+        self._items: dict[str, Checkpoint] = {}
+        self._lock = threading.Lock()
+
+    def prepare(self, device) -> None:
+        """Allocate the pinned arena now (CUDA only), so no checkpoint pays for it; one
+        side stream per device (``device`` may be a list: a model over several devices)."""
+        for device in (device if isinstance(device, (list, tuple)) else [device]):
+            if device.type == "cuda":
+                side_stream(device)
+                if self.arena is None and self.pinned_pool_bytes > 0:
+                    self.arena = PinnedArena(self.pinned_pool_bytes)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(c.nbytes for c in self._items.values())
+
+    def _reserve(self, nbytes: int) -> None:
+        if self.used_bytes + nbytes > self.budget_bytes:
+            raise LimitExceededError(
+                f"checkpoint of {nbytes / 2**20:.1f} MiB would exceed the host-memory budget "
+                f"({self.used_bytes / 2**20:.1f} of {self.budget_bytes / 2**20:.1f} MiB used; "
+                "server option --checkpoint-budget-mb). Delete checkpoints with ck.delete().")
+
+    def take(self, owner: str, loaded: LoadedModel, state: GenState, cache,
+             interventions: Interventions) -> Checkpoint:
+        t0 = time.perf_counter()
+        slices = kv_slices(cache, state.kv_length)
+        # the budget counts what the checkpoint holds: keys/values and any logit rows
+        kv_nbytes = sum(tensor_nbytes(k) + tensor_nbytes(v) for k, v in slices)
+        nbytes = kv_nbytes + sum(r.nbytes for r in state.logits)
+        with self._lock:
+            self._reserve(nbytes)
+            hosts, done, release = (copy_per_device(slices, self.arena)      # layers over devices
+                                    if loaded.device_map is not None else
+                                    copy_to_host(slices, loaded.device, self.arena))
+            ck = Checkpoint(uuid.uuid4().hex[:12], owner, loaded.name, state,
+                            copy_interventions(interventions), hosts, nbytes, copy=done,
+                            release=release, kv_nbytes=kv_nbytes)
+            self._items[ck.id] = ck
+        ck.dispatch_ms = (time.perf_counter() - t0) * 1e3
+        return ck
+
+    def add(self, ck: Checkpoint) -> Checkpoint:
+        with self._lock:
+            self._reserve(ck.nbytes)
+            self._items[ck.id] = ck
+        return ck
+
+    def get(self, ck_id, owner: str) -> Checkpoint:
+        ck = self._items.get(ck_id) if isinstance(ck_id, str) else None
+        if ck is None or ck.owner != owner:
+            raise CheckpointError(f"no checkpoint {ck_id!r} on this server for this client")
+        return ck
+
+    def delete(self, ck_id, owner: str) -> None:
+        ck = self.get(ck_id, owner)
+        with self._lock:
+            self._items.pop(ck.id, None)
+        ck.free()
+
+    def list(self, owner: str) -> list[dict]:
+        return [c.describe() for c in self._items.values() if c.owner == owner]
+
+    def drop_owner(self, owner: str) -> None:
+        with self._lock:
+            mine = [self._items.pop(i) for i, c in list(self._items.items()) if c.owner == owner]
+        for ck in mine:
+            ck.free()
+
+

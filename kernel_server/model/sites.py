@@ -1,0 +1,127 @@
+"""Intervention sites inside a decoder block, found by module structure (never by eval).
+
+A site is where a breakpoint pauses, a steering rule edits and a cache reads:
+
+- ``resid``: the block's output, the residual stream (the default);
+- ``attn``: the attention sub-block's output, before the residual add;
+- ``mlp``: the MLP sub-block's output, before the residual add;
+- ``heads``: the per-head attention output, the input of the attention output
+  projection, seen as [positions, heads, head_dim];
+- ``attn_pattern``: attention probabilities [heads, query, key], read-only, from a
+  one-shot pass run with the eager attention implementation (``cache``/``logit_lens``
+  style calls only: the decode loop runs a fused kernel that never forms them);
+- ``module:<path>``: the output of any module of the model, by its dotted name
+  (``module:model.layers.5.mlp.down_proj``), checked against ``named_modules()``.
+
+A resolved site is hooked, once per model, by ``loaded.hooks.install_site(site)``
+(kernel_server.runtime.hooks).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from djinn_protocol.errors import InvalidArgumentError, UnsupportedModelError
+
+SITES = ("resid", "attn", "mlp", "heads", "attn_pattern")
+MODULE_PREFIX = "module:"
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "wo")
+_FINAL_NORMS = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm",
+                "model.decoder.final_layer_norm", "transformer.norm_f", "model.final_layernorm")
+
+
+@dataclass(frozen=True)
+class Site:
+    """A resolved site: the module, how its tensor is reached, and the head geometry."""
+    layer: int                 # -1 for module:<path> sites
+    name: str                  # "resid" | "attn" | "mlp" | "heads" | "attn_pattern" | "module:..."
+    module: torch.nn.Module
+    pre: bool = False          # True: the module's first input (heads), else its output
+    heads: int = 0
+    head_dim: int = 0
+
+    @property
+    def key(self) -> tuple:
+        return (self.layer, self.name)
+
+
+def _child(module, names):
+    for n in names:
+        sub = getattr(module, n, None)
+        if isinstance(sub, torch.nn.Module):
+            return sub
+    return None
+
+
+def head_geometry(loaded) -> tuple[int, int]:
+    cfg = loaded.model.config
+    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head"))
+    head_dim = int(getattr(cfg, "head_dim", None) or loaded.hidden_size // heads)
+    return heads, head_dim
+
+
+def resolve(loaded, layer: int, name: str) -> Site:
+    """The site ``name`` of decoder block ``layer`` (``layer`` is ignored for module paths)."""
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"site must be a str, got {type(name).__name__}")
+    if name.startswith(MODULE_PREFIX):
+        path = name[len(MODULE_PREFIX):]
+        modules = loaded.module_index
+        if path not in modules:
+            near = [p for p in modules if path.rsplit(".", 1)[-1] in p][:3]
+            raise InvalidArgumentError(f"the model has no module {path!r}"
+                                       + (f"; did you mean {near}?" if near else ""))
+        return Site(-1, name, modules[path])
+    if name not in SITES:
+        raise InvalidArgumentError(f"site must be one of {', '.join(SITES)} or 'module:<path>', "
+                                   f"got {name!r:.80}")
+    block = loaded.layers[layer]
+    if name == "resid":
+        return Site(layer, name, block)
+    attn = _child(block, _ATTN_NAMES)
+    if name in ("attn", "attn_pattern", "heads") and attn is None:
+        raise UnsupportedModelError(f"cannot find the attention module of {type(block).__name__}")
+    if name in ("attn", "attn_pattern"):
+        heads, head_dim = head_geometry(loaded)
+        return Site(layer, name, attn, heads=heads, head_dim=head_dim)
+    if name == "mlp":
+        mlp = _child(block, _MLP_NAMES)
+        if mlp is None:
+            raise UnsupportedModelError(f"cannot find the MLP module of {type(block).__name__}")
+        return Site(layer, name, mlp)
+    proj = _child(attn, _OUT_PROJ_NAMES)
+    if proj is None:
+        raise UnsupportedModelError(f"cannot find the attention output projection of "
+                                    f"{type(attn).__name__} (looked for {', '.join(_OUT_PROJ_NAMES)})")
+    heads, head_dim = head_geometry(loaded)
+    return Site(layer, name, proj, pre=True, heads=heads, head_dim=head_dim)
+
+
+def device_of(loaded, site: Site) -> torch.device:
+    """Where ``site``'s tensors live: its decoder layer's device (a model over several
+    devices), or for a ``module:<path>`` site its module's parameters' device."""
+    if site.layer >= 0:
+        return loaded.layer_device(site.layer)
+    return next(site.module.parameters(), torch.empty(0, device=loaded.device)).device
+
+
+def final_norm(loaded):
+    """The final normalisation before the unembedding (identity if the model has none)."""
+    modules = loaded.module_index
+    for path in _FINAL_NORMS:
+        if path in modules:
+            return modules[path]
+    return torch.nn.Identity()
+
+
+def unembed(loaded, hidden: torch.Tensor) -> torch.Tensor:
+    """Logit lens: ``hidden`` [..., hidden] through the final norm and the unembedding."""
+    norm = final_norm(loaded)
+    head = loaded.model.get_output_embeddings()
+    w = next(head.parameters())
+    return head(norm(hidden.to(device=w.device, dtype=w.dtype))).float()
+

@@ -1,0 +1,124 @@
+"""Batched generation: several prompts in one decode loop, left-padded, with attention
+masks and position ids, so each row computes what it would alone (greedy rows give the
+same tokens as single runs; tests check it token for token).
+
+Breakpoints pause the whole batch (the forward pass is shared); the paused tensor is
+[rows, positions, width] in padded coordinates. Steering rules act on every row, or on
+the rows a rule names (``steer(..., rows=[...])``). Rules with explicit positions are
+refused for batches: positions differ per row once prompts are padded.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from djinn_protocol.errors import InvalidArgumentError
+from kernel_server.runtime.generation import GenerationRun, GenState, _eos_ids
+from kernel_server.model.registry import LoadedModel
+
+
+class BatchRun(GenerationRun):
+    """One batched generation. ``tokens`` (inherited) is the padded length, so the hooks'
+    ``start`` arithmetic holds in padded coordinates; rows live in ``row_tokens``."""
+
+    def __init__(self, loaded: LoadedModel, prompts: list, config, interventions):
+        check_rules(interventions)
+        width = max(len(p) for p in prompts)
+        pad = _pad_id(loaded)
+        padded = [[pad] * (width - len(p)) + list(p) for p in prompts]
+        super().__init__(loaded, GenState.fresh(padded[0], config), interventions)
+        self.rows = len(prompts)
+        self.row_prompts = [list(p) for p in prompts]
+        self.row_tokens = [[] for _ in prompts]
+        self.row_records = [[] for _ in prompts]
+        self.row_logits = [[] for _ in prompts]
+        self.row_done = [False] * len(prompts)
+        self.row_stop = [None] * len(prompts)
+        self._padded = padded
+        self._mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+
+    def boundary_state(self):
+        from djinn_protocol.errors import CheckpointError
+        raise CheckpointError("checkpoints of batched generations are not supported: generate "
+                              "the row you want to keep on its own, then checkpoint it")
+
+    def _decode_loop(self) -> None:
+        from transformers import DynamicCache
+        loaded, cfg = self.loaded, self.config
+        model, device = loaded.model, loaded.device
+        self.cache = DynamicCache(config=model.config)
+        eos = _eos_ids(loaded)
+        mask = torch.tensor(self._mask, dtype=torch.long, device=device)
+        next_input = torch.tensor(self._padded, device=device)
+        while self.step < cfg.max_new_tokens:
+            if self.interrupted.is_set():          # (a step boundary: the cache is whole)
+                self.stop_reason = "interrupted"
+                return
+            self._phase = "prefill" if self.step == 0 else "decode"
+            self._fired_breaks, self._fired_rules, self._paused_s = [], [], 0.0
+            positions = (mask.cumsum(-1) - 1).clamp_min(0)[:, -next_input.shape[1]:]
+            t0 = time.perf_counter()
+            with loaded.compute_lock:
+                out = model(input_ids=next_input, attention_mask=mask, position_ids=positions,
+                            use_cache=True, logits_to_keep=1, **{loaded.cache_kwarg: self.cache})
+                logits = out.logits[:, -1, :]
+                picked = torch.stack([self._pick(logits[b:b + 1]) for b in range(self.rows)])
+                top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(cfg.record_top_k)
+                ids = picked.tolist()              # the one host sync of a step
+            ms = (time.perf_counter() - t0) * 1e3
+            top_p, top_i = top_p.tolist(), top_i.tolist()
+            for b, token_id in enumerate(ids):
+                if self.row_done[b]:
+                    continue
+                if cfg.return_logits:
+                    self.row_logits[b].append(logits[b].float().cpu().numpy())
+                self.row_tokens[b].append(token_id)
+                self.row_records[b].append({
+                    "step": self.step, "token_id": token_id,
+                    "text": loaded.tokenizer.decode([token_id]),
+                    "top_ids": top_i[b], "top_probs": top_p[b],
+                    "forward_ms": ms - self._paused_s * 1e3, "paused_ms": self._paused_s * 1e3,
+                    "breakpoints": list(self._fired_breaks), "rules": list(self._fired_rules)})
+                if cfg.stop_at_eos and token_id in eos:
+                    self.row_done[b], self.row_stop[b] = True, "eos"
+            self.records.append({"step": self.step})
+            self.tokens.append(ids[0])
+            self.step += 1
+            if all(self.row_done):
+                self.stop_reason = "eos"
+                return
+            # finished rows keep decoding (rows never see each other); their tokens are dropped
+            next_input = picked.view(self.rows, 1)
+            mask = torch.cat([mask, torch.ones((self.rows, 1), dtype=mask.dtype, device=device)], 1)
+        self.stop_reason = "length"
+
+    def result(self) -> dict:
+        import numpy as np
+        rows = []
+        for b in range(self.rows):
+            res = {"tokens": self.row_tokens[b], "prompt_tokens": self.row_prompts[b],
+                   "text": self.loaded.tokenizer.decode(self.row_tokens[b]),
+                   "steps": self.row_records[b], "stop_reason": self.row_stop[b] or self.stop_reason,
+                   "seed": self.seed, "model": self.loaded.name}
+            if self.config.return_logits:
+                res["logits"] = (np.stack(self.row_logits[b]) if self.row_logits[b]
+                                 else np.zeros((0, self.loaded.vocab_size), dtype="float32"))
+            rows.append(res)
+        return {"batch": rows, "stop_reason": self.stop_reason}
+
+
+def check_rules(interventions) -> None:
+    for r in interventions.rules:
+        if isinstance(r.op.positions, tuple):
+            raise InvalidArgumentError(
+                f"steering rule {r.id} names explicit positions; in a batch each row is padded "
+                "differently, so batched generation takes rules on 'all' or 'last' positions only")
+
+
+def _pad_id(loaded: LoadedModel) -> int:
+    tok = loaded.tokenizer
+    for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0

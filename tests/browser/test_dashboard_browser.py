@@ -1,0 +1,169 @@
+"""The dashboard in a real browser: JupyterLab on localhost, Debian's chromium driven by
+Playwright, runs notebooks/03_dashboard.ipynb, moves the steering slider and waits for the
+divergence plot to change; then changes the prompt, moves the slider again and sees the new
+runs compared with no error box; checks that the token view scrolls inside its own box and
+that every layer toggle is in sight. Screenshots under the test's tmp_path (and
+docs/dashboard.png, docs/token_view.png when DJINN_UPDATE_SCREENSHOT=1)."""
+from __future__ import annotations
+
+import json
+import re
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lab
+
+ROOT = Path(__file__).resolve().parents[2]
+NOTEBOOK = ROOT / "notebooks" / "03_dashboard.ipynb"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+DIVERGENCE_Y = """() => {
+  const el = document.querySelector('.djinn-dashboard .js-plotly-plot');
+  return el && el._fullData && el._fullData.length ? Array.from(el._fullData[0].y || []) : null;
+}"""
+
+TOKEN_BOX = """() => {
+  const box = document.querySelector('.djinn-dashboard .dj-token-scroll');
+  const dash = document.querySelector('.djinn-dashboard');
+  return {overflow: getComputedStyle(box).overflowX, width: box.getBoundingClientRect().width,
+          dashboard: dash.getBoundingClientRect().width};
+}"""
+
+TOGGLES_IN_SIGHT = """() => {
+  const grid = document.querySelector('.djinn-dashboard .dj-layer-toggles');
+  const r = grid.getBoundingClientRect();
+  const buttons = Array.from(grid.querySelectorAll('button'));
+  return buttons.length > 0 && grid.scrollHeight <= grid.clientHeight + 1 && buttons.every(b => {
+    const q = b.getBoundingClientRect();
+    return q.width > 0 && q.top >= r.top - 1 && q.bottom <= r.bottom + 1; });
+}"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def lab(tmp_path):
+    """A fresh JupyterLab on a free port, serving a copy of the notebook (Lab autosaves)."""
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
+    root, settings = tmp_path / "root", tmp_path / "settings"
+    root.mkdir()
+    shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    notify = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
+    notify.parent.mkdir(parents=True)
+    notify.write_text(json.dumps({"fetchNews": "false"}))
+    port, token = free_port(), secrets.token_hex(16)
+    log = open(tmp_path / "jupyterlab.log", "wb")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
+    env.pop("DJINN_SERVER", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
+         f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
+         f"--LabApp.user_settings_dir={settings}"],
+        stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                pytest.fail("JupyterLab did not start:\n" + (tmp_path / "jupyterlab.log").read_text())
+            time.sleep(0.25)
+    yield url, token
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def test_slider_changes_divergence_plot_in_jupyterlab(lab, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    url, token = lab
+    expect.set_options(timeout=90_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 2400})
+            page.set_default_timeout(90_000)
+            page.goto(f"{url}/lab/tree/{NOTEBOOK.name}?reset&token={token}")
+            expect(page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]')).to_be_visible()
+            page.locator(".jp-Notebook .jp-Cell").first.click()
+            for attempt in range(3):     # the first menu click can land before the kernel is wired
+                page.locator('.lm-MenuBar-itemLabel:text-is("Run")').click()
+                page.locator('.lm-Menu-itemLabel:text-is("Run All Cells")').click()
+                try:
+                    expect(page.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\*|1)\]"))
+                           .first).to_be_visible(timeout=15_000)
+                    break
+                except AssertionError:
+                    page.screenshot(path=str(tmp_path / f"run-all-{attempt}.png"))
+            # the last printing cell ran (slider moved in code, from the checkpoint)
+            expect(page.locator(".jp-OutputArea-output", has_text="steered from").first).to_be_visible()
+            expect(page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]')).to_be_visible()
+            dash = page.locator(".djinn-dashboard")
+            expect(dash).to_be_visible()
+            page.wait_for_function(f"() => {{ const y = ({DIVERGENCE_Y})(); return y && y.length === 16; }}")
+            before = page.evaluate(DIVERGENCE_Y)
+
+            slider = dash.locator(".widget-slider", has=page.locator(".widget-label", has_text="scale"))
+            expect(slider.locator(".widget-readout")).to_have_text("0.60")
+            handle = slider.locator(".noUi-handle")
+            handle.focus()
+            handle.press("ArrowRight")
+            expect(slider.locator(".widget-readout")).to_have_text("0.65")
+            page.wait_for_function(
+                f"(before) => {{ const y = ({DIVERGENCE_Y})(); return y && y.length === 16 && "
+                "JSON.stringify(y) !== JSON.stringify(before); }", arg=before)
+            after = page.evaluate(DIVERGENCE_Y)
+            assert after != before and len(after) == 16
+            expect(dash.locator(".dj-error")).to_have_count(0)
+            expect(dash.locator(".dj-tokens")).to_be_visible()
+
+            # a prompt change, then a slider move: the new runs are compared, no stale error
+            dash.locator(".widget-textarea textarea").fill("The capital of Italy is")
+            handle.focus()
+            handle.press("ArrowRight")
+            expect(slider.locator(".widget-readout")).to_have_text("0.70")
+            page.wait_for_function(
+                f"(before) => {{ const y = ({DIVERGENCE_Y})(); return y && y.length === 16 && "
+                "JSON.stringify(y) !== JSON.stringify(before); }", arg=after)
+            expect(dash.locator(".widget-html", has_text="steered: 16 tokens, mismatch")).to_have_count(1)
+            expect(dash.locator(".dj-error")).to_have_count(0)
+
+            # the token view scrolls in its own box; every layer has a visible toggle
+            box = page.evaluate(TOKEN_BOX)
+            assert box["overflow"] == "auto" and box["width"] <= box["dashboard"] + 1, box
+            expect(dash.locator(".dj-layer-toggles button")).to_have_count(8)
+            assert page.evaluate(TOGGLES_IN_SIGHT)
+            expect(dash.locator(".dj-tokens td[title*='top-k']").first).to_be_attached()
+
+            time.sleep(1.0)    # let plotly finish drawing the updated traces
+            shot, tokens = tmp_path / "dashboard.png", tmp_path / "token_view.png"
+            dash.screenshot(path=str(shot))
+            dash.locator(".dj-token-scroll").screenshot(path=str(tokens))
+            assert shot.stat().st_size > 10_000
+            if os.environ.get("DJINN_UPDATE_SCREENSHOT") == "1":
+                shutil.copy(shot, ROOT / "docs" / "dashboard.png")
+                shutil.copy(tokens, ROOT / "docs" / "token_view.png")
+        finally:
+            browser.close()

@@ -1,0 +1,126 @@
+"""Teacher-forced scoring (``s.score``) and steering vectors, through a real server."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import djinn_nb as dj
+from conftest import MIDDLE
+
+PROMPT = "The quick brown fox jumps over"
+
+
+def _log_softmax(z):
+    z = z.astype(np.float64) - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _tol(session):
+    return 2e-3 if session.dtype != "float32" else 1e-4
+
+
+@pytest.mark.parametrize("rules", ["none", "scale", "add_last_some_steps"])
+def test_score_matches_logits_collected_during_generation(session, rules):
+    layer = MIDDLE[session.model] if session.model in MIDDLE else 2
+    if rules == "scale":
+        session.steer(layer, scale=0.9)
+    elif rules == "add_last_some_steps":
+        rng = np.random.default_rng(0)
+        session.steer(layer, add=rng.standard_normal(session.hidden_size).astype(np.float32),
+                      alpha=0.5, positions="last", steps=[0, 2, 3])
+    fin = session.generate(PROMPT, 10, return_logits=True, stop_at_eos=False)
+    res = fin.result
+    sc = session.score(fin)                       # the session's rules, start = prompt length
+    assert sc.start == len(res.prompt_tokens) and len(sc) == len(res.tokens)
+    want = _log_softmax(res.logits)[np.arange(len(res.tokens)), res.tokens]
+    np.testing.assert_allclose(sc.token_logprobs, want, atol=_tol(session))
+    # full logits on request: the same as the generation's, position by position
+    full = session.score(fin, return_logits=True, compare=False)
+    np.testing.assert_allclose(full.logits, res.logits, atol=_tol(session) * 10)
+    assert full.kl is None
+    # the generated token is the argmax at every step (greedy), so top-1 agrees
+    assert [int(t[0]) for t in sc.top_ids] == res.tokens
+    if rules == "none":
+        assert np.all(sc.kl == 0) and np.all(sc.top1_agree) and np.all(sc.rel_logit_change == 0)
+    else:
+        assert sc.kl.max() > 0 and sc.rel_logit_change.max() > 0
+        np.testing.assert_allclose(session.score(fin, steering=None).token_logprobs,
+                                   sc.baseline_token_logprobs, atol=1e-9)
+
+
+def test_score_with_explicit_rules_equals_session_rules(client):
+    s = client.session(model="tiny-gpt2")
+    fin = s.generate(PROMPT, 8, stop_at_eos=False)
+    explicit = s.score(fin, steering=[{"layer": 4, "scale": 0.5}])
+    s.steer(4, scale=0.5)
+    standing = s.score(fin)
+    np.testing.assert_array_equal(explicit.token_logprobs, standing.token_logprobs)
+    np.testing.assert_array_equal(explicit.kl, standing.kl)
+    assert explicit.kl.max() > 0
+    # a text works too; start defaults to 1
+    text = s.score(PROMPT, steering=None)
+    assert text.start == 1 and len(text) == len(text.tokens) - 1
+    s.close()
+
+
+def test_score_metrics_agree_with_client_divergence(client):
+    """The server's per-position KL/TV along fixed tokens equal dj.divergence's numbers
+    for the first step (where both runs share the same prefix)."""
+    s = client.session(model="tiny-gpt2")
+    base = s.generate(PROMPT, 6, return_logits=True, stop_at_eos=False)
+    s.steer(4, scale=0.7)
+    steered = s.generate(PROMPT, 6, return_logits=True, stop_at_eos=False)
+    d = dj.divergence(base, steered)
+    sc = s.score(base)
+    assert sc.kl[0] == pytest.approx(d.kl[0], rel=1e-4, abs=1e-7)
+    assert sc.tv[0] == pytest.approx(d.tv[0], rel=1e-4, abs=1e-7)
+    assert sc.rel_logit_change[0] == pytest.approx(d.rel_logit_change[0], rel=1e-4)
+    assert bool(sc.top1_agree[0]) == bool(d.top1_agree[0])
+    s.close()
+
+
+def test_steering_vector_equals_mean_difference_of_paused_activations(client):
+    s = client.session(model="tiny-gpt2")
+    pos, neg = ["I love this film", "What a happy day"], ["I hate this film", "What a sad day"]
+    for reduce in ("last", "mean"):
+        v = s.steering_vector(pos, neg, layer=3, reduce=reduce)
+        assert v.shape == (s.hidden_size,) and v.dtype == np.float32
+
+        def acts(prompts):
+            out = []
+            for p in prompts:
+                s.clear_breakpoints()
+                s.breakpoint(3, phase="prefill")
+                ev = s.generate(p, 1)
+                assert ev.paused
+                out.append(s.activation(positions="last")[0] if reduce == "last"
+                           else s.activation(reduce="mean"))
+                s.stop()
+            return np.mean(out, axis=0)
+        np.testing.assert_allclose(v, acts(pos) - acts(neg), atol=1e-5)
+    s.clear_breakpoints()
+    # usable as a steering rule straight away
+    s.steer(3, add=v, alpha=2.0)
+    assert s.generate(pos[0], 3).finished
+    s.close()
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    (dict(tokens=[5]), dj.InvalidArgumentError),
+    (dict(tokens=[1, 2, 3], start=3), dj.InvalidArgumentError),
+    (dict(tokens=[1, 2, 3], steering=[{"layer": 99, "scale": 1.0}]), dj.LayerOutOfRangeError),
+    (dict(tokens=[1, 2, 3], steering=[{"layer": 1, "scale": 1.0, "bogus": 1}]), dj.InvalidArgumentError),
+    (dict(tokens=[1, 2, 3], steering=[{"layer": 1}]), dj.InvalidEditError),
+    (dict(tokens=[1, 2, 3], steering="everything"), dj.InvalidArgumentError),
+    (dict(tokens=[1, 2, 10**9]), dj.InvalidArgumentError),
+])
+def test_score_bad_input_is_a_typed_error(client, kwargs, error):
+    s = client.session(model="tiny-gpt2")
+    with pytest.raises(error):
+        client.call("score", session=s.id, **kwargs)
+    assert s.generate(PROMPT, 2).finished        # still usable
+    with pytest.raises(dj.InvalidArgumentError):
+        s.steering_vector([], ["x"], layer=1)
+    with pytest.raises(dj.InvalidArgumentError):
+        s.steering_vector(["a"], ["b"], layer=1, reduce="max")
+    s.close()
