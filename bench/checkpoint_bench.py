@@ -71,13 +71,13 @@ def run(args) -> dict:
         s.generate(prompt, max_new_tokens=2, stop_at_eos=False)    # paused at the start of step 1
         ck_next = s.checkpoint(store)          # holds the ctx prompt positions + token 0
         ck_next.wait()
-        s.resume(ignore_breakpoints=True)
+        s.resume(ignore_breakpoints=True).result()     # (a Future: the run's next event)
         store.delete(ck.id, "bench")
         ck = ck_next
 
         def restore_continue():                # one decode step on the restored cache
             s.restore(ck)
-            s.resume(ignore_breakpoints=True)
+            s.resume(ignore_breakpoints=True).result()
 
         def recompute():                       # the prefix again, then the same token
             s.clear_breakpoints()              # (restore brought the breakpoint back)

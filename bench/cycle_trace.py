@@ -59,8 +59,10 @@ _M = "from djinn_nb import _cycle_trace as _T; _T.m"
 
 # (file, anchor, replacement): the anchor must occur in the file
 PATCHES = [
-    ("kernel_server/transport/control_listener.py", "                meta, payload = reader.read_meta(limit)\n",
-     f"                meta, payload = reader.read_meta(limit)\n                {_M}('s_recv')\n"),
+    ("kernel_server/transport/control_listener.py",
+     "                meta, payload = reader.read_meta(limit, timeout=FRAME_TIMEOUT)\n",
+     f"                meta, payload = reader.read_meta(limit, timeout=FRAME_TIMEOUT)\n"
+     f"                {_M}('s_recv')\n"),
     ("kernel_server/transport/control_listener.py",
      "            reply = dispatch(service, request[\"call\"], args)\n",
      f"            {_M}('s_parsed')\n            reply = dispatch(service, request[\"call\"], args)\n"),
@@ -76,9 +78,10 @@ PATCHES = [
      f"                {_M}('w_wake')\n"),
     ("kernel_server/runtime/generation.py", "            self._emit(point.event())\n",
      f"            {_M}('w_pause')\n            self._emit(point.event())\n"),
-    ("kernel_server/runtime/generation.py", "            t0 = time.perf_counter()\n            with loaded.compute_lock:",
+    ("kernel_server/runtime/generation.py",
+     "            t0 = time.perf_counter()\n            if sched is not None and self.step > 0:",
      f"            {_M}('w_step')\n            t0 = time.perf_counter()\n"
-     "            with loaded.compute_lock:"),
+     "            if sched is not None and self.step > 0:"),
     ("kernel_server/runtime/generation.py", "            t1 = time.perf_counter()\n",
      f"            t1 = time.perf_counter()\n            {_M}('w_fwd_end')\n"),
     ("djinn_nb/control.py", "                sent = send_frame(self.sock, *request)\n",
@@ -91,10 +94,10 @@ PATCHES = [
     ("djinn_nb/client.py", "    def call(self, name: str, **kwargs):\n",
      f"    def call(self, name: str, **kwargs):\n        {_M}('c_call')\n"),
     ("djinn_nb/session.py",
-     '        return self._event(self._request("resume", ignore_breakpoints=ignore_breakpoints))\n',
-     '        reply = self._request("resume", ignore_breakpoints=ignore_breakpoints)\n'
-     f"        {_M}('c_reply')\n        event = self._event(reply)\n        {_M}('c_event')\n"
-     "        return event\n"),
+     '            return self._event(self._request(name, **kwargs))\n',
+     '            reply = self._request(name, **kwargs)\n'
+     f"            {_M}('c_reply')\n            event = self._event(reply)\n            {_M}('c_event')\n"
+     "            return event\n"),
 ]
 ORDER = ["c_call", "c_send", "s_recv", "s_parsed", "s_cmd", "w_wake", "w_fwd_end", "w_step",
          "w_pause", "s_reply", "s_sent", "c_ready", "c_reply", "c_event"]

@@ -79,16 +79,11 @@ class NNsightPeer:
         self.model = TransformersModel(loaded.model, tokenizer=loaded.tokenizer,
                                        task="text-generation")
         # the wrapped decoder block, found by the same path as the server's layer discovery
-        from kernel_server.model.registry import _LAYER_PATHS
-        for path in _LAYER_PATHS:
-            node = self.model
-            try:
-                for part in path.split("."):
-                    node = getattr(node, part)
-                self.block_list = node
-                break
-            except AttributeError:
-                continue
+        from kernel_server.model.layers import layers_path
+        node = self.model
+        for part in layers_path(loaded.model).split("."):
+            node = getattr(node, part)
+        self.block_list = node
 
     def generate(self, prompt_ids, layer: int, scale: float, n: int) -> tuple[float, list]:
         dev = self.loaded.device

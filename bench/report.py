@@ -182,8 +182,32 @@ def cycle_trace_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def tenants_table(d: dict) -> str:
+    hf = d["hf_batched"]
+    off = {r["clients"]: r for r in d.get("engine_off", {}).get("runs", [])}
+    lines = [_heading(d, f"{d['model']} {d['dtype']}, {d['tokens_per_client']} new tokens per "
+                         f"client, standing rule {d['rule']}, one client process per session"), "",
+             "| clients | engine on: aggregate tokens/s | median client latency s | each client's "
+             "tokens and logits = its solo run | engine off: tokens/s |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in d["engine_on"]["runs"]:
+        same = all(r["tokens_equal_solo"]) and all(r["logits_bit_equal_solo"])
+        o = off.get(r["clients"])
+        lines.append(f"| {r['clients']} | {_f(r['tokens_per_s'], 1)} | "
+                     f"{_f(r['client_latency_s']['median'], 2)} | "
+                     f"{'yes, bit for bit' if same else '**no**'} | "
+                     f"{_f(o['tokens_per_s'], 1) if o else '-'} |")
+    lines.append(f"| HF batched `generate`, {hf['clients']} prompts | {_f(hf['tokens_per_s'], 1)} | "
+                 f"{_f(hf['wall_s'], 2)} | - | - |")
+    lines.append("")
+    lines.append(f"{hf['clients']} clients / HF batched generate: {_f(d['max_clients_over_hf'], 2)}x"
+                 + (f"; one client, engine on / off: {_f(d['solo_on_over_off'], 2)}x"
+                    if "solo_on_over_off" in d else ""))
+    return "\n".join(lines)
+
+
 RENDERERS = {"checkpoint": checkpoint_table, "decode": decode_table, "sweep": sweep_table,
-             "nnsight": nnsight_table, "cycle_trace": cycle_trace_table}
+             "nnsight": nnsight_table, "cycle_trace": cycle_trace_table, "tenants": tenants_table}
 
 
 def render(text: str, results: Path = RESULTS) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("decode", "checkpoint", "sweep", "nnsight", "fast_decode")
+BENCHMARKS = ("decode", "checkpoint", "sweep", "nnsight", "fast_decode", "tenants")
 
 
 def commands(args) -> list[tuple[str, list[str]]]:
@@ -55,6 +55,9 @@ def commands(args) -> list[tuple[str, list[str]]]:
                        *out("checkpoint")],
         "sweep": ["bench/sweep_bench.py", *model, "--context", sweep_context, *out("sweep")],
         "nnsight": ["bench/nnsight_bench.py", *model, *out("nnsight"), "--reps", str(args.reps)],
+        # clients at once on one server (engine on / off) vs HF batched generate
+        "tenants": ["bench/tenants_bench.py", *model, *out("tenants")]
+        + ([] if cuda else ["--tokens", "16", "--layer", "6"]),
     }
     if cuda and (HERE / "fast_decode_bench.py").exists():   # (its owner's options, its own names)
         runs["fast_decode"] = ["bench/fast_decode_bench.py", "--device", args.device,

@@ -70,6 +70,7 @@ def run_load(address: str, clients: int = 8, seconds: float = 10.0, tokens: int 
         t.join(seconds + 300)
     with dj.connect(address) as c:
         info = c.call("hello")
+    info = info.get("server", info)      # server-wide with --operator-stats, else this client's
     stats.update(clients=clients, seconds=seconds, sessions_left=info["sessions"],
                  checkpoint_bytes_left=info["checkpoint_bytes"])
     return stats

@@ -11,7 +11,8 @@ from djinn_protocol.errors import (AuthenticationFailedError, CheckpointError, T
                      LayerOutOfRangeError, LimitExceededError, NotPausedError, ServerError,
                      SessionBusyError, SessionClosedError, StateError, UnknownModelError,
                      TLSError, UnknownSessionError, UnsupportedModelError)
-from .results import BatchFinished, Finished, GenerationResult, Paused, ScoreResult, StepRecord
+from .results import (BatchFinished, Finished, GenerationInterrupted, GenerationResult,
+                      Interrupted, Paused, ScoreResult, StepRecord)
 from .client import Client
 from .connect import connect
 from .pool import Pool
@@ -21,6 +22,7 @@ from .divergence import Divergence, divergence
 
 __all__ = [
     "connect", "divergence", "Divergence", "Client", "Pool", "Session", "Checkpoint", "CheckpointError", "TransferError", "AuthenticationFailedError", "Paused", "Finished", "GenerationResult", "StepRecord", "ScoreResult", "BatchFinished",
+    "Interrupted", "GenerationInterrupted",
     "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
     "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",
     "UnknownSessionError", "StateError", "NotPausedError", "SessionBusyError", "SessionClosedError",
@@ -29,11 +31,12 @@ __all__ = [
 
 
 def __getattr__(name):
-    # lazy, resolved on first access: `dj.plots` needs plotly, `dj.experiments` yaml and
+    # lazy, resolved on first access: `dj.ops` (intervention expressions), `dj.plots` needs
+    # plotly, `dj.experiments` yaml and
     # jsonschema, `dj.Dashboard` ipywidgets (the widgets package, which imports djinn_nb:
     # `import djinn_nb` itself never loads it)
     import importlib
-    if name in ("plots", "experiments"):
+    if name in ("plots", "experiments", "ops"):
         return importlib.import_module("." + name, __name__)
     if name == "Dashboard":
         return importlib.import_module("widgets").Dashboard

@@ -6,21 +6,37 @@ from typing import Optional
 
 import numpy as np
 
+from djinn_protocol import hook_names
+
 
 class ActivationCache:
     """Activations of one forward pass, by (site, layer): ``cache["resid", 6]``.
 
-    Module sites are keyed by their name with layer None: ``cache["module:...", None]``."""
+    Module sites are keyed by their name with layer None: ``cache["module:...", None]``.
+    TransformerLens hook names index it too: ``cache["blocks.6.hook_resid_post"]``.
+    A cache of gradients (``Session.grad``) also holds the metric's value in ``metric``."""
 
-    def __init__(self, raw: dict, reduce: Optional[str]):
+    def __init__(self, raw: dict, reduce: Optional[str], metric: Optional[float] = None):
         self.reduce = reduce
+        self.metric = metric
         self._data = {(site, None if int(layer) < 0 else int(layer)): np.asarray(a)
                       for site, by_layer in raw.items() for layer, a in by_layer.items()}
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, str):
-            key = (key, None)
+            key = self._hook_key(key) if hook_names.is_hook_name(key) else (key, None)
         return self._data[key]
+
+    def _hook_key(self, name: str) -> tuple:
+        layer, site = hook_names.parse(name)
+        if layer is not None:
+            return site, layer
+        # hook_embed / ln_final: the one module site of that kind the server resolved it to
+        words = {"embed": ("embed", "wte", "drop"), "ln_final": ("norm", "ln_f")}[site]
+        found = [k for k in self._data if k[1] is None and any(w in k[0] for w in words)]
+        if len(found) != 1:
+            raise KeyError(name)
+        return found[0]
 
     def __contains__(self, key) -> bool:
         return key in self._data
@@ -70,6 +86,15 @@ class PatchingResult:
                    site=rows[0]["site"], answer=list(answer),
                    metric=np.array([r["metric"] for r in rows], dtype=np.float64),
                    clean=float(rows[0]["clean"]), corrupted=float(rows[0]["corrupted"]))
+
+    @classmethod
+    def from_grids(cls, grids: list, answer) -> "PatchingResult":
+        """One result from server grids (``patch_sweep`` / ``attribution_patch`` replies),
+        each of some layers over the same positions, stacked in order."""
+        return cls(layers=[layer for g in grids for layer in g["layers"]],
+                   positions=list(grids[0]["positions"]), site=grids[0]["site"], answer=list(answer),
+                   metric=np.array([row for g in grids for row in g["metric"]], dtype=np.float64),
+                   clean=float(grids[0]["clean"]), corrupted=float(grids[0]["corrupted"]))
 
     @property
     def normalized(self) -> np.ndarray:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import collections
-import os
 import secrets
 import threading
 import time
@@ -50,19 +49,32 @@ def _counting_stream(host: str, port: int, timeout: float):
             pending = getattr(self.sock, "pending", None)
             return bool(pending is not None and pending()) or super().poll(timeout)
 
-    return CountingStream.connect(host, port, timeout=timeout), CountingStream
+    import socket     # an IPv6 literal (``[::1]:port``) needs its family: rpyc assumes IPv4
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return CountingStream.connect(host, port, timeout=timeout, family=family), CountingStream
 
 
 def parse_address(address: str) -> tuple[str, int]:
+    """``"host:port"``, ``"[v6 address]:port"``, ``"host"`` or a bare IPv6 address (``"::1"``):
+    (host, port), the port defaulting to ``DEFAULT_PORT``."""
     if not isinstance(address, str):
         raise InvalidArgumentError(f"address must be 'host:port', got {address!r}")
-    host, _, port = address.rpartition(":")
-    if not host:
-        host, port = address, str(DEFAULT_PORT)
+    if address.startswith("["):                       # [v6]:port or [v6]
+        host, close, rest = address[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (None if not rest else "bad")
+        ok = close and ":" in host
+    elif address.count(":") > 1:                      # a bare IPv6 address: no port
+        host, port, ok = address, None, True
+    else:
+        host, _, port = address.partition(":") if ":" in address else (address, "", None)
+        ok = bool(host)
     try:
-        return host.strip("[]"), int(port)
+        if not ok:
+            raise ValueError
+        return host, DEFAULT_PORT if port is None else int(port)
     except ValueError:
-        raise InvalidArgumentError(f"address must be 'host:port', got {address!r}") from None
+        raise InvalidArgumentError(f"address must be 'host:port' or '[ipv6]:port', "
+                                   f"got {address!r}") from None
 
 
 class Client:
@@ -83,7 +95,8 @@ class Client:
         try:
             stream, self._counter = _counting_stream(host, port, connect_timeout)
         except OSError as exc:
-            raise ConnectionLostError(f"cannot reach a kernel server at {address}: {exc}. "
+            raise ConnectionLostError(f"cannot reach a kernel server at {host}:{port} "
+                                      f"(from {address!r}): {exc}. "
                                       "Start one with `python -m kernel_server`, or call "
                                       "dj.connect() with no address to launch a local one.") from None
         try:
@@ -165,6 +178,9 @@ class Client:
                 with self._lock:
                     self._calls += 1
                     self._rtts.append((time.perf_counter() - t0) * 1e3)
+        return self._value(reply)
+
+    def _value(self, reply: dict):
         if "error" in reply:
             err = reply["error"]
             raise error_class(err["type"])(err["message"])
@@ -172,6 +188,37 @@ class Client:
         if type(value) is dict and wire.BULK_ARRAY_KEY in value:   # (rpyc: large arrays go bulk)
             value = self.fetch_array(value)
         return value
+
+    def call_aside(self, name: str, **kwargs):
+        """One declared call over the rpyc connection, beside a call that another thread is
+        waiting on over the control channel (which serves one call at a time): how
+        ``Session.interrupt()`` reaches the server while ``generate`` runs. Without a control
+        channel it queues behind that call."""
+        if self._closed:
+            raise ConnectionLostError("this client is closed; use dj.connect() again")
+        lookup(name)
+        try:
+            reply = wire.unpack(self._conn.root.call(name, wire.pack(kwargs)))
+        except (EOFError, OSError, ConnectionError) as exc:
+            raise ConnectionLostError(f"lost the connection to the kernel server at {self.address} "
+                                      f"({type(exc).__name__}: {exc})") from None
+        return self._value(reply)
+
+    def _end_interrupted(self, session_id: str):
+        """After Ctrl-C stopped the wait for a ``generate`` / ``resume`` / ``step`` of session
+        ``session_id``: ask the server to end that run at its next step boundary and read the
+        call's reply (its event). None when there is nothing to wait for (no control channel:
+        the reply is dropped as before). A second Ctrl-C gives up waiting."""
+        channel = self._control
+        if channel is None or not channel.awaiting:
+            return None
+        reply = None
+        while reply is None and channel.awaiting and not channel.closed:
+            # re-asked until the reply comes: a run that had not started yet when first asked
+            # (the request still in flight) is asked again once it runs
+            self.call_aside("interrupt", session=session_id)
+            reply = channel.collect(0.2)
+        return None if reply is None else self._value(reply)
 
     def _check_request_size(self, name: str, packed) -> None:
         """Refuse here, with a typed error, a request the server would refuse by closing
@@ -311,8 +358,9 @@ class Client:
             except DjinnError:
                 pass
         self._close_conn()
-        if self._local_server is not None:
-            self._local_server.stop()
+        server, self._local_server = self._local_server, None
+        if server is not None:       # (a launched server shared by clients: the last one stops it)
+            getattr(server, "release", server.stop)()
 
     @property
     def control_channel(self):

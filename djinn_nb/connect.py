@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 
 from .client import SERVER_ENV, Client
-from .launcher import LocalServer
+from .launcher import shared_server
 from .pool import Pool
 
 
@@ -16,8 +16,11 @@ def connect(address=None, *, token: str | None = None, tls=None,
     holding one client per server, ``pool.session(server=..., model=...)``).
 
     With no address: the server named by the ``DJINN_SERVER`` environment variable if set
-    (``make lab`` sets it for its notebooks), else a local server launched now (on
-    ``model``, default the embedded smollm2-135m) that stops when the client closes.
+    (``make lab`` sets it for its notebooks), else a local server on ``model`` (default the
+    embedded smollm2-135m): the one this process already launched for that model, device
+    and dtype if it runs, else one launched now. It stops when the last client using it
+    closes or this process exits (or dies: it watches its parent); its log is under
+    ``djinn_nb.launcher.log_dir()`` (``~/.cache/djinn_nb/logs``) while it runs.
     ``token``: the shared secret of a server started with one (default ``$DJINN_TOKEN``).
     ``tls``: for a server started with ``--certfile``: True (verify its certificate against
     the system CAs) or the path of a CA file to trust (e.g. its self-signed certificate);
@@ -29,10 +32,10 @@ def connect(address=None, *, token: str | None = None, tls=None,
         return Pool(address, token=token, tls=tls, timeout=timeout)
     if address is not None:
         return Client(address, timeout=timeout, token=token, tls=tls, owner_key=owner_key)
-    server = LocalServer(model=model, device=device, dtype=dtype, progress=progress)
+    server = shared_server(model, device, dtype, progress=progress)
     try:
         return Client(server.address, timeout=timeout, local_server=server, tls=False,
                       owner_key=owner_key)
     except BaseException:
-        server.stop()
+        server.release()
         raise

@@ -21,7 +21,6 @@ import socket
 import threading
 
 from djinn_protocol import wire
-from djinn_protocol.errors import DjinnError
 from djinn_protocol.framing import (ACK, ARRAY_MARK, HEADER, MAX_PAYLOAD, FrameReader,
                                     ProtocolError, receive_arrays, recv_exact, send_frame)
 
@@ -46,6 +45,7 @@ class ControlChannel:
         self._reader = FrameReader(sock)
         self._lock = threading.Lock()
         self._owed = 0               # replies of calls that timed out, still to be read
+        self.awaiting = False        # the last call was sent, its caller stopped waiting: collect()
         self._closed = False
         self.bytes_sent = 0
         self.bytes_received = 0      # headers and JSON
@@ -66,7 +66,8 @@ class ControlChannel:
         with self._lock:
             if self._closed:
                 raise EOFError("the control channel is closed")
-            waiting = False
+            waiting, sent = False, None
+            self.awaiting = False
             try:
                 while self._owed:                 # replies the server still owes: drop them
                     waiting = True
@@ -87,6 +88,33 @@ class ControlChannel:
                 return self._read_reply()
             except (ReplyTimeout, KeyboardInterrupt):
                 if not waiting:                   # (mid-frame: the stream is out of step)
+                    self._close()
+                self.awaiting = waiting and sent is not None
+                raise
+            except BaseException:
+                self._close()
+                raise
+
+    def collect(self, timeout: float | None) -> dict | None:
+        """The reply of the last call after its caller stopped waiting (``awaiting``; the
+        client's interrupt asks the server to end that call first): None if it has not
+        started to arrive within ``timeout``. Replies owed before it are dropped."""
+        with self._lock:
+            if self._closed or not self.awaiting:
+                return None
+            reply, waiting = None, False
+            try:
+                while self._owed:
+                    waiting = True
+                    if not self._wait(timeout):
+                        return None
+                    waiting = False
+                    reply = self._read_reply()
+                    self._owed -= 1
+                self.awaiting = False
+                return reply
+            except KeyboardInterrupt:
+                if not waiting:
                     self._close()
                 raise
             except BaseException:

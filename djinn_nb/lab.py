@@ -2,7 +2,8 @@
 
     python -m djinn_nb.lab [--port 8888] [--model NAME] [--no-browser] [--ip 127.0.0.1] [--token T]
 
-Starts a kernel server subprocess (``LocalServer``; default model smollm2-135m), prints
+Starts a kernel server subprocess (``LocalServer``; default model smollm2-135m; it stops
+itself if this process is killed), prints
 ``djinn_nb.lab: kernel server at HOST:PORT``, then runs JupyterLab with ``DJINN_SERVER`` set to
 that address, so ``dj.connect()`` in a notebook reaches it. Ctrl-C or SIGTERM stops both.
 Arguments it does not know go to JupyterLab as they are (e.g. ``--ServerApp.xxx=...``).
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         print("djinn_nb.lab: starting the kernel server "
               f"({args.model or 'default model'}) ...", flush=True)
         server = LocalServer(model=args.model, progress=sys.stderr.isatty())
-        print(f"{ADDRESS_LINE} {server.address} (log {server.log.name})", flush=True)
+        print(f"{ADDRESS_LINE} {server.address} (log {server.log_path})", flush=True)
         cmd = [sys.executable, "-m", "jupyterlab",
                f"--ServerApp.root_dir={args.root_dir}", f"--ServerApp.ip={args.ip}",
                f"--ServerApp.port={args.port}", "--ServerApp.port_retries=0",

@@ -329,3 +329,76 @@ def logit_lens(lens: dict, title: str = "Logit lens"):
     fig.update_xaxes(title_text="layer")
     fig.update_yaxes(title_text="probability", range=[0, 1.1 if peak > 0.5 else peak * 1.3 or 1.0])
     return _layout(fig, title)
+
+
+def _axis_labels(tokens: Optional[Sequence[str]], n: int) -> list:
+    """Tick text per position: the token with whitespace made visible, else the position.
+    Positions are the axis values, so repeated tokens stay separate cells."""
+    if tokens is None:
+        return [str(i) for i in range(n)]
+    return [token_label(tokens[i]) if i < len(tokens) else str(i) for i in range(n)]
+
+
+def attention_pattern(pattern, tokens: Optional[Sequence[str]] = None, *,
+                      heads: Optional[Sequence[int]] = None, layer: Optional[int] = None,
+                      cols: int = 3, panel_px: int = 230, title: Optional[str] = None):
+    """Attention probabilities as query x key heatmaps, one panel per head.
+
+    ``pattern``: ``[heads, query, key]`` (``session.cache(prompt, sites="attn_pattern",
+    layers=[L])["attn_pattern", L]``); ``tokens``: the prompt's token texts, for both axes
+    (whitespace drawn visibly: ␣, ↵). Rows are queries (top to bottom), columns the keys
+    they attend to; every row sums to 1. Cells a causal mask hides (key after query, exact
+    zeros) are left blank rather than drawn as a probability of 0. One colour scale, 0 to 1,
+    for all panels; hovering a cell names the query and key tokens and the probability.
+    ``heads`` picks the heads to draw (default all). Traces: one heatmap per drawn head."""
+    from plotly.subplots import make_subplots
+    go = _go()
+    pat = np.asarray(pattern, dtype=np.float64)
+    if pat.ndim == 2:
+        pat = pat[None]
+    if pat.ndim != 3 or pat.shape[1] > pat.shape[2]:
+        raise ValueError(f"attention_pattern needs [heads, query, key], got shape {pat.shape}")
+    n_heads, n_q, n_k = pat.shape
+    chosen = list(range(n_heads)) if heads is None else [int(h) for h in heads]
+    bad = [h for h in chosen if not 0 <= h < n_heads]
+    if bad:
+        raise ValueError(f"heads {bad} out of range: the pattern has {n_heads} heads")
+    cols = max(1, min(cols, len(chosen)))
+    rows = -(-len(chosen) // cols)
+    offset = n_k - n_q            # queries are the last n_q positions of the keys
+    klabels = _axis_labels(tokens, n_k)
+    qlabels = klabels[offset:]
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"head {h}" for h in chosen],
+                        horizontal_spacing=0.12 / cols + 0.04, vertical_spacing=0.2 / rows + 0.04)
+    q_idx, k_idx = np.meshgrid(np.arange(n_q), np.arange(n_k), indexing="ij")
+    future = k_idx > q_idx + offset
+    hover_q = np.array(qlabels, dtype=object)[:, None].repeat(n_k, 1)
+    hover_k = np.array(klabels, dtype=object)[None, :].repeat(n_q, 0)
+    custom = np.dstack([hover_q, hover_k])
+    for i, h in enumerate(chosen):
+        z = np.where(future & (pat[h] == 0), np.nan, pat[h])
+        fig.add_trace(go.Heatmap(
+            z=z.tolist(), x=list(range(n_k)), y=list(range(n_q)), customdata=custom,
+            zmin=0.0, zmax=1.0, colorscale="Blues", hoverongaps=False, name=f"head {h}",
+            showscale=i == 0, colorbar=dict(title="p(attend)", len=0.9),
+            hovertemplate=("head " + str(h) + "<br>query %{y}: %{customdata[0]}"
+                           "<br>key %{x}: %{customdata[1]}<br>p = %{z:.3f}<extra></extra>")),
+            row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(tickmode="array", tickvals=list(range(n_k)), ticktext=klabels,
+                     tickangle=-60, tickfont=dict(family="monospace", size=10), showgrid=False,
+                     zeroline=False)
+    fig.update_yaxes(tickmode="array", tickvals=list(range(n_q)), ticktext=qlabels,
+                     autorange="reversed", tickfont=dict(family="monospace", size=10),
+                     showgrid=False, zeroline=False)
+    for r in range(1, rows + 1):
+        fig.update_yaxes(title_text="query", row=r, col=1)
+    for c in range(1, cols + 1):
+        fig.update_xaxes(title_text="key", row=rows, col=c)
+    where = f" of block {layer}" if layer is not None else ""
+    if title is None:
+        title = (f"Attention pattern{where}: query (row) x key (column), per head"
+                 f"<br><sub>probability that the query position attends to the key position; "
+                 f"rows sum to 1; blank: masked (a later key)</sub>")
+    fig = _layout(fig, title, height=rows * panel_px + 40)
+    fig.update_layout(margin=dict(l=90, r=60, t=90, b=80))
+    return fig

@@ -90,6 +90,45 @@ class Finished:
     def steps(self) -> list:
         return self.result.steps
 
+    @property
+    def interrupted(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Interrupted(Finished):
+    """The generation was interrupted (Ctrl-C / the notebook's stop button, ``s.interrupt()``,
+    the dashboard's Stop): the server ended it at a step boundary; ``tokens`` are those made
+    so far and the session is usable (``stop_reason`` "interrupted")."""
+
+    @property
+    def interrupted(self) -> bool:
+        return True
+
+    def __str__(self):
+        n = len(self.result.tokens)
+        return f"interrupted after {n} token{'' if n == 1 else 's'}: {self.result.text!r}"
+
+
+class GenerationInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or the notebook's stop button) during ``generate`` / ``resume`` / ``step``,
+    raised once the server has ended that run at its next step boundary: the client, the
+    session and the server are usable at once. ``event`` is what the run ended with (an
+    ``Interrupted`` holding the tokens so far, or a ``Paused`` / ``Finished`` that came
+    first); the session's ``last_event`` is the same."""
+
+    def __init__(self, event):
+        self.event = event
+        if isinstance(event, Paused):
+            what = f"it had already paused at layer {event.layer}, step {event.step}"
+        else:
+            n = len(event.tokens[0] if isinstance(event, BatchFinished) and event.results
+                    else event.tokens)
+            what = (f"the server stopped the run after {n} token{'' if n == 1 else 's'}"
+                    if getattr(event, "interrupted", False) else "the run had already finished")
+        super().__init__(f"{what}; the result is this exception's .event and the session's "
+                         "last_event, and the session is usable")
+
 
 @dataclass(frozen=True)
 class ScoreResult:
@@ -161,6 +200,10 @@ class BatchFinished:
     def __getitem__(self, i) -> GenerationResult:
         return self.results[i]
 
+    @property
+    def interrupted(self) -> bool:
+        return self.stop_reason == "interrupted"
+
 
 def event_from_wire(d: dict[str, Any]):
     if d["event"] == "paused":
@@ -168,4 +211,5 @@ def event_from_wire(d: dict[str, Any]):
     if "batch" in d["result"]:
         return BatchFinished([GenerationResult.from_wire(r) for r in d["result"]["batch"]],
                              d["result"]["stop_reason"])
-    return Finished(GenerationResult.from_wire(d["result"]))
+    result = GenerationResult.from_wire(d["result"])
+    return Interrupted(result) if result.stop_reason == "interrupted" else Finished(result)

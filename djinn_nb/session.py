@@ -9,14 +9,32 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from .results import Finished, Paused, event_from_wire
+from .results import Finished, GenerationInterrupted, Paused, event_from_wire
 
 Positions = Union[str, int, Sequence[int]]   # "all" | "last" | absolute token positions
 Event = Union[Paused, Finished]
 
 
+def _checkpoint_id(ck):
+    """A ``Checkpoint`` or its id (a typo'd id is the server's ``CheckpointError``)."""
+    return ck if isinstance(ck, str) else getattr(ck, "id", ck)
+
+
 def _positions(p: Positions):
     return p if isinstance(p, str) else [int(x) for x in np.atleast_1d(p)]
+
+
+def _expression(edit):
+    """An intervention expression (``dj.ops``) as its wire tree."""
+    return edit.to_wire() if hasattr(edit, "to_wire") else edit
+
+
+def _rule_dicts(steering):
+    """One-shot ``steering=[{...}]`` with any ``edit`` expression as its wire tree."""
+    if isinstance(steering, list):
+        return [{k: _expression(v) if k == "edit" else v for k, v in d.items()}
+                if isinstance(d, dict) else d for d in steering]
+    return steering
 
 
 class Session:
@@ -39,9 +57,26 @@ class Session:
         self.devices: list = info.get("devices", [self.device])
         self.layer_devices: list = info.get("layer_devices", [self.device] * self.layers)
         self.last_event: Optional[Event] = None
+        self._closed = False
 
     def _request(self, name: str, **kwargs):
+        if self._closed:
+            from djinn_protocol.errors import SessionClosedError
+            raise SessionClosedError(f"session {self.id} is closed; open another with "
+                                     "client.session()")
         return self.client.call(name, session=self.id, **kwargs)
+
+    def _run(self, name: str, **kwargs) -> Event:
+        """A call that runs the model until a pause or the end. Ctrl-C while it waits ends
+        the server's run at its next step boundary and raises ``GenerationInterrupted``
+        (a KeyboardInterrupt) holding the event, the tokens so far."""
+        try:
+            return self._event(self._request(name, **kwargs))
+        except KeyboardInterrupt:
+            reply = self.client._end_interrupted(self.id)
+            if reply is None:
+                raise
+            raise GenerationInterrupted(self._event(reply)) from None
 
     def _event(self, wire_event: dict) -> Event:
         self.last_event = event_from_wire(wire_event)
@@ -74,15 +109,18 @@ class Session:
         return self._request("clear_breakpoints", layer=layer, site=site)
 
     def steer(self, layer: Optional[int] = None, *, scale: Optional[float] = None, add=None,
-              alpha: float = 1.0, set=None, positions: Positions = "all", phase: str = "both",
+              alpha: float = 1.0, set=None, edit=None, positions: Positions = "all", phase: str = "both",
               steps: Optional[Sequence[int]] = None, site: str = "resid",
               head: Optional[int] = None, rows: Optional[Sequence[int]] = None) -> dict:
         """A standing edit of block ``layer``'s output on every step (no pause):
         ``scale`` (h <- s*h), ``add`` (h <- h + alpha*v, v of shape [hidden]) or ``set``
         (patching: ``set=cached_rows, positions=[...]``). ``site`` as in ``breakpoint``;
         ``site="heads", head=3, scale=0.0`` zero-ablates head 3 (vectors are then
-        [head_dim]). ``rows``: in a batched generation, only these prompts (default all)."""
+        [head_dim]). ``rows``: in a batched generation, only these prompts (default all).
+        ``edit``: an expression over the activation ``h`` (``dj.ops``), evaluated on the server,
+        e.g. ``edit=dj.ops.ablate(dj.ops.h, v)`` (direction ablation)."""
         return self._request("steer", layer=layer, scale=scale, add=add, alpha=alpha, set=set,
+                             edit=_expression(edit),
                           positions=_positions(positions), phase=phase, site=site, head=head,
                           rows=None if rows is None else [int(r) for r in np.atleast_1d(rows)],
                           steps=None if steps is None else list(np.atleast_1d(steps).tolist()))
@@ -104,23 +142,32 @@ class Session:
         with attention masks: the result is a ``BatchFinished`` with one result per
         prompt, each greedy row the same tokens as its prompt alone. Breakpoints pause the
         whole batch; ``steer(..., rows=[i])`` steers chosen rows."""
-        return self._event(self._request(
+        return self._run(
             "generate", prompt=prompt, max_new_tokens=max_new_tokens, chat=chat,
             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop_at_eos=stop_at_eos,
-            record_top_k=record_top_k, return_logits=return_logits))
+            record_top_k=record_top_k, return_logits=return_logits)
 
     def resume(self, ignore_breakpoints: bool = False) -> Event:
         """Continue to the next pause or the end (``ignore_breakpoints=True``: to the end)."""
-        return self._event(self._request("resume", ignore_breakpoints=ignore_breakpoints))
+        return self._run("resume", ignore_breakpoints=ignore_breakpoints)
 
     def step(self, to: str = "layer") -> Event:
         """Continue and pause again at the next layer (``to="layer"``) or at the same layer
         of the next token (``to="token"``)."""
-        return self._event(self._request("step", to=to))
+        return self._run("step", to=to)
 
     def stop(self) -> Finished:
         """Abandon the paused generation; the result holds the tokens made so far."""
         return self._event(self._request("stop"))
+
+    def interrupt(self) -> bool:
+        """Ask this session's running ``generate`` / ``resume`` / ``step`` (waiting on another
+        thread) to end at its next step boundary; that call then returns an ``Interrupted``
+        event with the tokens so far. True if a running generation was asked. Safe from any
+        thread: it goes over the client's rpyc connection, beside the waiting call."""
+        if self._closed:
+            return False
+        return self.client.call_aside("interrupt", session=self.id)
 
     # ---- one-shot passes --------------------------------------------------------------------
     def score(self, tokens, *, start: Optional[int] = None, steering="session",
@@ -145,9 +192,13 @@ class Session:
             tokens = [int(t) for t in tokens]
         if isinstance(steering, dict):
             steering = [steering]
-        return ScoreResult.from_wire(self._request(
-            "score", tokens=tokens, start=start, steering=steering, compare=compare, top_k=top_k,
-            return_logits=return_logits))
+        reply = self._request(
+            "score", tokens=tokens, start=start, steering=_rule_dicts(steering), compare=compare,
+            top_k=top_k,
+            return_logits=return_logits)
+        if isinstance(reply, list):                     # a list of sequences: one each
+            return [ScoreResult.from_wire(r) for r in reply]
+        return ScoreResult.from_wire(reply)
 
     def steering_vector(self, positive: Sequence, negative: Sequence, layer: int,
                         reduce: str = "last") -> np.ndarray:
@@ -176,7 +227,9 @@ class Session:
         from .analysis import ActivationCache
         raw = self._request("cache", prompt=prompt, sites=[sites] if isinstance(sites, str) else list(sites),
                          layers=None if layers is None else [int(x) for x in np.atleast_1d(layers)],
-                         reduce=reduce, steering=steering)
+                         reduce=reduce, steering=_rule_dicts(steering))
+        if isinstance(raw, list):             # a list of prompts (padded batches): one cache each
+            return [ActivationCache(r, reduce) for r in raw]
         return ActivationCache(raw, reduce)
 
     def lens(self, prompt, layers: Optional[Sequence[int]] = None, k: int = 10,
@@ -194,21 +247,68 @@ class Session:
 
     def patch(self, clean, corrupted, answer, layers: Optional[Sequence[int]] = None,
               positions: Optional[Sequence[int]] = None, site: str = "resid",
-              head: Optional[int] = None, progress: bool = True) -> "PatchingResult":
+              head: Optional[int] = None, progress: bool = True,
+              batch: int = 64) -> "PatchingResult":
         """Activation patching sweep: for every layer x position, run ``corrupted`` with
         the clean run's activation at that site and position, and measure the logit
         difference ``logit[answer[0]] - logit[answer[1]]`` at the last position.
-        Prompts must have the same token count; ``answer`` is two token ids or texts."""
+        Prompts must have the same token count; ``answer`` is two token ids or texts.
+        The cells run on the server as the rows of batched forwards, ``batch`` cells per
+        forward; one call per group of layers feeds the progress bar (interrupting the
+        notebook stops the sweep between groups)."""
         from tqdm.auto import tqdm
         from .analysis import PatchingResult
         answer = [a if isinstance(a, int) else self._one_token(a) for a in answer]
         layers = list(range(self.layers)) if layers is None else [int(x) for x in np.atleast_1d(layers)]
-        rows = []
-        for layer in tqdm(layers, desc=f"patching {site}", disable=not progress, leave=False):
-            rows.append(self._request("patch", clean=clean, corrupted=corrupted, layer=layer,
-                                   answer=answer, site=site, head=head,
-                                   positions=None if positions is None else [int(p) for p in positions]))
-        return PatchingResult.from_rows(rows, answer)
+        width = len(positions) if positions is not None else len(
+            clean if isinstance(clean, list) else self.tokenize(clean))
+        per_call = max(1, batch // max(1, width)) if progress else len(layers)
+        grids = []
+        with tqdm(total=len(layers), desc=f"patching {site}", disable=not progress, leave=False) as bar:
+            for i in range(0, len(layers), per_call):
+                group = layers[i:i + per_call]
+                grids.append(self._request(
+                    "patch_sweep", clean=clean, corrupted=corrupted, answer=answer, layers=group,
+                    site=site, head=head, batch=batch,
+                    positions=None if positions is None else [int(p) for p in positions]))
+                bar.update(len(group))
+        return PatchingResult.from_grids(grids, answer)
+
+    def attribution_patch(self, clean, corrupted, answer, layers: Optional[Sequence[int]] = None,
+                          site: str = "resid") -> "PatchingResult":
+        """Attribution patching: the first-order (gradient) estimate of ``patch``'s grid, from
+        one clean forward and one corrupted forward + backward on the server:
+        ``corrupted + (clean act - corrupted act) . d(logit diff)/d(act)`` per layer x position."""
+        from .analysis import PatchingResult
+        answer = [a if isinstance(a, int) else self._one_token(a) for a in answer]
+        return PatchingResult.from_grids([self._request(
+            "attribution_patch", clean=clean, corrupted=corrupted, answer=answer, site=site,
+            layers=None if layers is None else [int(x) for x in np.atleast_1d(layers)])], answer)
+
+    def grad(self, prompt, metric: str = "logit_diff", *, answer=None, target=None,
+             start: Optional[int] = None, sites: Union[str, Sequence[str]] = "resid",
+             layers: Optional[Union[int, Sequence[int]]] = None,
+             reduce: Optional[str] = None) -> "ActivationCache":
+        """d(metric)/d(activation) at every site x layer for ``prompt``, in one forward +
+        backward on the server (no KV cache, under the model's compute lock), reduced there
+        as ``cache`` reduces. ``metric``: "logit_diff" (``answer`` = [correct, wrong], ids or
+        one-token texts; at the last position), "logprob" (``target``: log p at the last
+        position) or "loss" (mean next-token cross-entropy of the prompt's tokens from
+        ``start``, default 1). An ``ActivationCache`` of gradients; ``.metric`` its value."""
+        from .analysis import ActivationCache
+        if answer is not None:
+            answer = [a if isinstance(a, int) else self._one_token(a) for a in answer]
+        if isinstance(target, str):
+            target = self._one_token(target)
+        raw = self._request("grad", prompt=prompt, metric=metric, answer=answer, target=target,
+                            start=start, sites=[sites] if isinstance(sites, str) else list(sites),
+                            layers=None if layers is None else [int(x) for x in np.atleast_1d(layers)],
+                            reduce=reduce)
+        return ActivationCache(raw["grads"], reduce, metric=float(raw["metric"]))
+
+    def to_str_tokens(self, text) -> list:
+        """The text of each token of ``text`` as the server's tokenizer splits it."""
+        return self._request("to_str_tokens", text=text)
 
     def _one_token(self, text: str) -> int:
         ids = self.tokenize(text)
@@ -225,12 +325,12 @@ class Session:
 
     def restore(self, ck) -> None:
         """Rewind this session to ``ck``; it is then "ready": ``resume()`` continues."""
-        self._request("restore", checkpoint=ck.id)
+        self._request("restore", checkpoint=_checkpoint_id(ck))
         self.last_event = None
 
     def fork(self, ck) -> "Session":
         """A new, independent session starting from ``ck`` (state "ready")."""
-        return Session(self.client, self.client.call("fork", checkpoint=ck.id))
+        return Session(self.client, self.client.call("fork", checkpoint=_checkpoint_id(ck)))
 
     # ---- while paused ----------------------------------------------------------------------
     def activation(self, positions: Positions = "all", reduce: Optional[str] = None,
@@ -240,10 +340,11 @@ class Session:
         return self._request("activation", positions=_positions(positions), reduce=reduce, row=row)
 
     def edit(self, *, scale: Optional[float] = None, add=None, alpha: float = 1.0, set=None,
-             positions: Positions = "all", head: Optional[int] = None) -> dict:
+             edit=None, positions: Positions = "all", head: Optional[int] = None) -> dict:
         """Rewrite the paused hidden state before the forward pass goes on (``head``: only
         that head, when paused at site "heads")."""
-        return self._request("edit", scale=scale, add=add, alpha=alpha, set=set, head=head,
+        return self._request("edit", scale=scale, add=add, alpha=alpha, set=set,
+                             edit=_expression(edit), head=head,
                           positions=_positions(positions))
 
     def logit_lens(self, k: int = 10, positions: Positions = "last") -> dict:
@@ -253,8 +354,12 @@ class Session:
 
     # ---- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
-        """Release the session (and its KV cache) on the server."""
+        """Release the session (and its KV cache) on the server; later calls raise
+        ``SessionClosedError``. Closing twice is a no-op."""
+        if self._closed:
+            return
         self.client.call("close_session", session=self.id)
+        self._closed = True
 
     def __enter__(self):
         return self

@@ -99,7 +99,7 @@ def _p(spec: str, default: Any = REQUIRED) -> Param:
 SESSION = _p("session:str")
 CHECKPOINT = Param("checkpoint", "str", error=CheckpointError)   # (an id: no such checkpoint)
 _EDIT = (_p("scale:float?", None), _p("add:any", None), _p("alpha:float", 1.0),
-         _p("set:any", None), _p("positions:any", "all"))
+         _p("set:any", None), _p("edit:dict?", None), _p("positions:any", "all"))
 
 CALLS: dict[str, Call] = {c.name: c for c in [
     # ---- connection ------------------------------------------------------------------------
@@ -165,6 +165,18 @@ CALLS: dict[str, Call] = {c.name: c for c in [
         SESSION, _p("clean:any"), _p("corrupted:any"), _p("layer:int"), _p("answer:list"),
         _p("positions:any", None), _p("site:str", "resid"), _p("head:int?", None)),
          "one layer's row of the patching grid"),
+    Call("patch_sweep", "session.patch_sweep", (
+        SESSION, _p("clean:any"), _p("corrupted:any"), _p("answer:list"), _p("layers:any", None),
+        _p("positions:any", None), _p("site:str", "resid"), _p("head:int?", None),
+        _p("batch:int", 64)), "the patching grid of layers x positions, cells as batch rows"),
+    Call("attribution_patch", "session.attribution_patch", (
+        SESSION, _p("clean:any"), _p("corrupted:any"), _p("answer:list"), _p("layers:any", None),
+        _p("site:str", "resid")), "the first-order estimate of the patching grid"),
+    Call("grad", "session.grad", (
+        SESSION, _p("prompt:any"), _p("metric:str", "logit_diff"), _p("answer:list?", None),
+        _p("target:int?", None), _p("start:int?", None), _p("sites:any", ["resid"]),
+        _p("layers:any", None), _p("reduce:str?", None)), "{grads: by site key, metric}"),
+    Call("to_str_tokens", "session.to_str_tokens", (SESSION, _p("text:any")), "token texts"),
     Call("tokenize", "session.tokenize", (SESSION, _p("text:str")), "token ids"),
     Call("decode", "session.decode", (SESSION, _p("tokens:list")), "text"),
     # ---- checkpoints -----------------------------------------------------------------------

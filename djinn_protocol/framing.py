@@ -15,6 +15,7 @@ import hmac
 import json
 import socket
 import struct
+import time
 
 import numpy as np
 
@@ -35,16 +36,28 @@ class ProtocolError(ConnectionLostError):
     """A frame that breaks the control protocol; the channel is closed."""
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytearray:
-    """Exactly ``n`` bytes from ``sock`` (``ConnectionLostError`` if it closes first)."""
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], min(CHUNK, n - got))
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytearray:
+    """Exactly ``n`` bytes from ``sock`` (``ConnectionLostError`` if it closes first).
+
+    The buffer grows as the bytes arrive (at most ``CHUNK`` ahead of them), never to an
+    announced size up front: a peer that announces a large size and sends nothing costs
+    nothing. ``deadline`` (``time.monotonic()``): the whole read must be done by then
+    (``socket.timeout`` otherwise), however slowly the bytes trickle in."""
+    buf = bytearray()
+    while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout(f"read deadline passed after {len(buf)} of {n} bytes")
+            sock.settimeout(left)
+        got = len(buf)
+        want = min(CHUNK, n - got)
+        buf.extend(bytearray(want))
+        with memoryview(buf) as view, view[got:] as tail:
+            k = sock.recv_into(tail, want)
+        del buf[got + k:]
         if k == 0:
             raise ConnectionLostError(f"transfer cut off after {got} of {n} bytes")
-        got += k
     return buf
 
 
@@ -91,11 +104,27 @@ class FrameReader:
         self._view = memoryview(self._buf)
         self._start = 0
         self._end = 0
+        self.deadline: float | None = None   # time.monotonic() by which the frame must be read
 
     def buffered(self) -> int:
         return self._end - self._start
 
+    def _timeout(self) -> None:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("a frame did not arrive whole before its deadline")
+            self.sock.settimeout(left)
+
+    def _fill_direct(self, n: int) -> bytes:
+        self._timeout()
+        data = self.sock.recv(n)
+        if not data:
+            raise EOFError("the control channel was closed by the other end")
+        return data
+
     def _fill(self) -> None:
+        self._timeout()
         if self._start == self._end:
             self._start = self._end = 0
         elif self._end == len(self._buf):            # move the tail to the front
@@ -108,9 +137,12 @@ class FrameReader:
         self._end += got
 
     def read(self, n: int) -> bytes:
-        if n > len(self._buf):
-            out = bytearray(n)
-            self.read_into(memoryview(out))
+        if n > len(self._buf):       # grown as the bytes arrive, never to the announced size
+            out = bytearray(self._view[self._start:self._end][:n])
+            self._start += len(out)
+            while len(out) < n:
+                got = len(out)
+                out.extend(self._fill_direct(min(CHUNK, n - got)))
             return bytes(out)
         while self._end - self._start < n:
             self._fill()
@@ -142,11 +174,30 @@ class FrameReader:
     def read_header(self) -> tuple[int, int]:
         return HEADER.unpack(self.read(HEADER.size))
 
-    def read_meta(self, limit: int = MAX_META) -> tuple[bytes | None, int]:
+    def read_meta(self, limit: int = MAX_META,
+                  timeout: float | None = None) -> tuple[bytes | None, int]:
         """The next frame's meta bytes and payload length (the payload is left to read).
-        A small frame costs one ``recv``. Meta over ``limit``: ``(None, payload)``, unread."""
+        A small frame costs one ``recv``. Meta over ``limit``: ``(None, payload)``, unread.
+        ``timeout``: waiting for a frame is not limited, but once its first byte is here its
+        header and meta must arrive within ``timeout`` seconds (``socket.timeout``), and the
+        payload that follows may not stall longer than that between bytes."""
+        self.deadline = None
+        if timeout is not None:
+            self.sock.settimeout(None)
         while self._end - self._start < HEADER.size:
             self._fill()
+            if timeout is not None and self.deadline is None:
+                self.deadline = time.monotonic() + timeout
+        if timeout is not None and self.deadline is None:     # (a pipelined frame)
+            self.deadline = time.monotonic() + timeout
+        try:
+            return self._meta(limit)
+        finally:
+            self.deadline = None
+            if timeout is not None:
+                self.sock.settimeout(timeout)
+
+    def _meta(self, limit: int) -> tuple[bytes | None, int]:
         meta_len, payload = HEADER.unpack_from(self._buf, self._start)
         if meta_len > limit:
             return None, payload

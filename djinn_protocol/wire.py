@@ -119,11 +119,17 @@ def _from_plain(obj: Any, blobs: tuple) -> Any:
     return obj
 
 
+def _encode(obj: Any, blobs: list, views: bool) -> str:
+    try:
+        return json.dumps(_to_plain(obj, blobs, views), separators=(",", ":"))
+    except RecursionError:
+        raise InvalidArgumentError("a value nested too deeply to send") from None
+
+
 def pack(obj: Any) -> Packed:
     """``obj`` (builtins, dicts, lists, numpy arrays) as ``(json text, blobs)``."""
     blobs: list[bytes] = []
-    text = json.dumps(_to_plain(obj, blobs), separators=(",", ":"))
-    return text, tuple(blobs)
+    return _encode(obj, blobs, False), tuple(blobs)
 
 
 def unpack(packed: Any) -> Any:
@@ -144,8 +150,7 @@ def unpack(packed: Any) -> Any:
 def pack_views(obj: Any) -> tuple[str, list[memoryview]]:
     """Like :func:`pack`, but each array's bytes are a view of its memory, not a copy."""
     blobs: list[memoryview] = []
-    text = json.dumps(_to_plain(obj, blobs, views=True), separators=(",", ":"))
-    return text, blobs
+    return _encode(obj, blobs, True), blobs
 
 
 def array_specs(plain: Any) -> list[tuple[str, tuple[int, ...], int]]:

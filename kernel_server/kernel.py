@@ -1,9 +1,13 @@
 """What every connection of one kernel server shares: models, sessions, checkpoints, owners."""
 from __future__ import annotations
 
+import threading
+
 from djinn_protocol import __version__
+from djinn_protocol.errors import DjinnError, LimitExceededError
 from kernel_server.checkpoints.store import CheckpointStore
-from kernel_server.model.loading import DEFAULT_MODEL, REGISTRY
+from kernel_server.model.expressions import PLUGINS
+from kernel_server.model.loading import DEFAULT_MODEL, REGISTRY, admit
 from kernel_server.model.registry import ModelRegistry
 from kernel_server.runtime.ownership import Owners
 from kernel_server.runtime.session_state import SessionManager
@@ -27,12 +31,57 @@ class Kernel:
         self.owners = Owners(self.sessions, self.checkpoints, self.limits.reconnect_grace_s)
         self.bulk_host = "127.0.0.1"   # where one-shot bulk listeners bind (the server's host)
         self.bulk_tls = None           # the server's TLS context: bulk transfers use it too
+        # --operator-stats: hello() also tells server-wide figures (every client: one operator)
+        self.operator_stats = False
+        self._offers: dict[str, list] = {}    # principal -> its bulk downloads not yet fetched
+        self._offers_lock = threading.Lock()
 
-    def info(self) -> dict:
+    def model(self, name=None):
+        """The loaded model ``name``, loaded first if needed, after admission: a model whose
+        weights (estimated from its config) do not fit the free memory of its device is
+        refused before anything is built (``LimitExceededError``)."""
+        name = name or self.models.default
+        if isinstance(name, str) and name not in self.models.loaded() and self.models.allow_load \
+                and not self.models.device_map:
+            admit(name, self.models.device, self.models.dtype)
+        return self.models.get(name)
+
+    def hold_offer(self, principal: str, make):
+        """``make()`` a bulk offer for ``principal`` unless it already has
+        ``--max-offers-per-client`` waiting to be fetched."""
+        cap = self.limits.max_offers_per_client
+        with self._offers_lock:
+            live = [t for t in self._offers.get(principal, []) if not t.done]
+            if len(live) >= cap:
+                raise LimitExceededError(f"{cap} bulk downloads are already waiting to be fetched "
+                                         "by this client (--max-offers-per-client); fetch them or "
+                                         "let them expire first")
+            transfer = make()
+            self._offers = {k: [t for t in v if not t.done] for k, v in self._offers.items()}
+            self._offers = {k: v for k, v in self._offers.items() if v}
+            self._offers.setdefault(principal, []).append(transfer)
+            return transfer
+
+    def info(self, owner: str | None = None) -> dict:
+        """Server facts for the client ``owner``: its own sessions and the models it may use,
+        nothing of other clients (which models they loaded, how many sessions they hold)."""
+        used = set()
+        mine = self.sessions.owned_by(owner) if owner is not None else []
+        for sid in mine:
+            try:
+                used.add(self.sessions.get(sid, owner).loaded.name)
+            except DjinnError:                 # closed meanwhile
+                pass
+        ckpts = self.checkpoints.list(owner) if owner is not None else []
         return {"version": __version__, "default_model": self.models.default,
-                "loaded_models": self.models.loaded(), "registry": dict(REGISTRY),
-                "sessions": self.sessions.count(), "limits": vars(self.limits),
-                "checkpoint_bytes": self.checkpoints.used_bytes}
+                "loaded_models": sorted(used | {self.models.default}),
+                "registry": dict(REGISTRY), "sessions": len(mine), "limits": vars(self.limits),
+                "checkpoint_bytes": sum(c["nbytes"] for c in ckpts),
+                "plugins": sorted(PLUGINS),
+                **({"server": {"sessions": self.sessions.count(),
+                               "loaded_models": self.models.loaded(),
+                               "checkpoint_bytes": self.checkpoints.used_bytes}}
+                   if self.operator_stats else {})}
 
     def memory(self) -> dict:
         """Memory per device (kernel_server.model.sharding.device_memory) and checkpoint bytes."""

@@ -127,6 +127,7 @@ class Dashboard(W.VBox):
         generation at its next step, and abandon a paused one (its tokens so far become
         the steered result)."""
         self._worker.cancel()
+        self._driver.interrupt()      # a run in flight ends at its next step, not at its end
         self._worker.submit("stop", self._driver.stop)
 
     def take_checkpoint(self):

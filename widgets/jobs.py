@@ -156,6 +156,14 @@ class SessionDriver:
         else:
             self.state.stopped(self.state.activity)
 
+    def interrupt(self) -> None:
+        """From the UI thread: end whichever of the dashboard's generations is running at its
+        next step boundary (``Session.interrupt``, beside the worker's waiting call); the job
+        then sees a finished (interrupted) run and ``stop()`` reports it."""
+        for sess in (self.session, self.base_session, *self.forks):
+            if sess is not None and not self.client.closed:
+                _quietly(sess.interrupt)
+
     def _pause_ended(self, result, label: str) -> None:
         self.show_steered(result, label, None)
         pending = self.state.pending

@@ -102,12 +102,18 @@ def kv_data(data: dict) -> dict:
 CHECKPOINT_BARS = (("checkpoint_dispatch_client_ms", "dispatch (client)"),
                    ("checkpoint_dispatch_server_ms", "dispatch (server)"),
                    ("checkpoint_copy_wait_ms", "copy wait (client)"),
-                   ("checkpoint_restore_ms", "restore (client)"),
-                   ("checkpoint_generation_overhead_ms", "gen. overhead while copying"))
+                   ("checkpoint_restore_ms", "restore (client)"))
+#: a difference of two runs' forward times, so it can be negative: drawn as its samples
+OVERHEAD_KEY = "checkpoint_generation_overhead_ms"
+OVERHEAD_TITLE = "forward time while the copy runs, minus a run without it"
+OVERHEAD_AXIS = "difference, ms (< 0: the run with the copy was faster)"
 
 
 def checkpoint_data(data: dict) -> dict:
-    models, bars = [], {label: [] for _, label in CHECKPOINT_BARS}
+    """Costs (medians with p10 - p90) per model, and the generation overhead while a copy
+    runs as all its samples: a difference that noise makes negative about as often as
+    positive, so a lone median would mislead."""
+    models, bars, overhead = [], {label: [] for _, label in CHECKPOINT_BARS}, []
     for entry in data["models"]:
         ck = entry["metrics"].get("checkpoint")
         if not ck:
@@ -115,14 +121,33 @@ def checkpoint_data(data: dict) -> dict:
         models.append(entry["model"])
         for key, label in CHECKPOINT_BARS:
             bars[label].append(_err(ck.get(key)))
-    return {"models": models, "bars": bars}
+        m = ck.get(OVERHEAD_KEY) or {}
+        overhead.append({"samples": [v for v in m.get("samples") or [] if v is not None],
+                         "median": m.get("median"), "p10": m.get("p10"), "p90": m.get("p90")})
+    return {"models": models, "bars": bars, "overhead": overhead}
+
+
+def _jitter(n: int, width: float = 0.25) -> np.ndarray:
+    """Fixed horizontal offsets for n dots (no randomness: the figure is reproducible)."""
+    return np.linspace(-width, width, n) if n > 1 else np.zeros(n)
 
 
 # ---- plotly -------------------------------------------------------------------------------
+MARKERS = ["circle", "square", "diamond", "triangle-up", "x", "star"]
+MPL_MARKERS = ["o", "s", "D", "^", "x", "*"]
+
+
+def _dodge(i: int, n: int, xs) -> list:
+    """x values of series i of n, nudged apart so equal values do not hide each other."""
+    span = (max(xs) - min(xs)) if len(xs) > 1 else 1.0
+    return [x + (i - (n - 1) / 2) * 0.012 * span for x in xs]
+
+
 def _layout(fig, title, height=360):
+    # legends under the plot area, never over the data
     fig.update_layout(title=dict(text=title, font=dict(size=13)), height=height,
                       template="plotly_white", margin=dict(l=55, r=30, t=60, b=40),
-                      legend=dict(orientation="h", yanchor="top", y=-0.18, x=0))
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, x=0))
     return fig
 
 
@@ -139,13 +164,17 @@ def plotly_figures(data: dict) -> dict:
     if sw["series"]:
         fig = make_subplots(rows=2, cols=2, subplot_titles=[t for _, t in SWEEP_PANELS],
                             horizontal_spacing=0.1, vertical_spacing=0.16)
+        n = len(sw["series"])
         for i, s in enumerate(sw["series"]):
             c = COLOURS[i % len(COLOURS)]
             for j, (key, _) in enumerate(SWEEP_PANELS):
                 pts = s["panels"][key]
-                fig.add_trace(go.Scatter(x=s["x"], y=[p[0] for p in pts], error_y=_ebar(pts),
-                                         mode="lines+markers", name=s["label"], legendgroup=s["label"],
-                                         showlegend=j == 0, line=dict(color=c)),
+                fig.add_trace(go.Scatter(x=_dodge(i, n, s["x"]), y=[p[0] for p in pts],
+                                         error_y=_ebar(pts), mode="lines+markers", name=s["label"],
+                                         legendgroup=s["label"], showlegend=j == 0,
+                                         line=dict(color=c),
+                                         marker=dict(symbol=MARKERS[i % len(MARKERS)] + "-open",
+                                                     size=9)),
                               row=j // 2 + 1, col=j % 2 + 1)
         fig.update_xaxes(title_text=sw["xlabel"])
         figs["steering_sweep"] = _layout(fig, "steering sweep: medians, bars p10 – p90", 600)
@@ -159,7 +188,7 @@ def plotly_figures(data: dict) -> dict:
                                      marker=dict(symbol="circle-open" if s["dash"] else "circle",
                                                  size=9 if s["dash"] else 6)))
         fig.update_layout(xaxis_title="step", yaxis_title="KL (nats), median over runs")
-        figs["steering_steps"] = _layout(fig, "per-step KL of the headline steering ops")
+        figs["steering_steps"] = _layout(fig, "per-step KL of the headline steering ops", 420)
     la = latency_data(data)
     if la["models"]:
         fig = go.Figure()
@@ -184,19 +213,38 @@ def plotly_figures(data: dict) -> dict:
         figs["kv_residency"] = _layout(fig, "KV residency: bytes per resume vs the KV cache")
     ck = checkpoint_data(data)
     if ck["models"]:
-        fig = go.Figure()
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.12,
+                            subplot_titles=["cost: median, bars p10 – p90", OVERHEAD_TITLE])
         for i, (label, pts) in enumerate(ck["bars"].items()):
             fig.add_trace(go.Bar(x=ck["models"], y=[p[0] for p in pts], error_y=_ebar(pts),
-                                 name=label, marker_color=COLOURS[i % len(COLOURS)]))
-        fig.update_layout(barmode="group", yaxis_title="ms (median, bars p10 – p90)")
-        figs["checkpoint_cost"] = _layout(fig, "checkpoint cost")
+                                 name=label, marker_color=COLOURS[i % len(COLOURS)]), row=1, col=1)
+        for i, (model, o) in enumerate(zip(ck["models"], ck["overhead"])):
+            fig.add_trace(go.Scatter(x=(i + _jitter(len(o["samples"]))).tolist(), y=o["samples"],
+                                     mode="markers", name="overhead: one run",
+                                     legendgroup="overhead", showlegend=i == 0,
+                                     marker=dict(color="#777", size=6, opacity=0.7)), row=1, col=2)
+            if o["median"] is not None:
+                fig.add_trace(go.Scatter(x=[i - 0.35, i + 0.35], y=[o["median"]] * 2, mode="lines",
+                                         name="overhead: median", legendgroup="median",
+                                         showlegend=i == 0, line=dict(color="black", width=3)),
+                              row=1, col=2)
+        fig.add_hline(y=0, line=dict(color="#888", width=1), row=1, col=2)
+        fig.update_xaxes(tickvals=list(range(len(ck["models"]))), ticktext=ck["models"],
+                         range=[-0.6, len(ck["models"]) - 0.4], row=1, col=2)
+        fig.update_yaxes(title_text="ms", rangemode="tozero", row=1, col=1)
+        fig.update_yaxes(title_text=OVERHEAD_AXIS, row=1, col=2)
+        fig.update_layout(barmode="group")
+        figs["checkpoint_cost"] = _layout(fig, "checkpoint cost, and generation while a copy runs",
+                                          420)
     return figs
 
 
 # ---- matplotlib ---------------------------------------------------------------------------
 def _mpl_errorbar(ax, x, pts, **kw):
     ys = [np.nan if p[0] is None else p[0] for p in pts]
-    ax.errorbar(x, ys, yerr=[[p[1] for p in pts], [p[2] for p in pts]], capsize=3, marker="o", **kw)
+    if "fmt" not in kw:
+        kw["marker"] = "o"
+    ax.errorbar(x, ys, yerr=[[p[1] for p in pts], [p[2] for p in pts]], capsize=3, **kw)
 
 
 def matplotlib_figures(data: dict) -> dict:
@@ -208,13 +256,19 @@ def matplotlib_figures(data: dict) -> dict:
         axes = fig.subplots(2, 2)
         for j, (key, title) in enumerate(SWEEP_PANELS):
             ax = axes[j // 2][j % 2]
+            n = len(sw["series"])
             for i, s in enumerate(sw["series"]):
-                _mpl_errorbar(ax, s["x"], s["panels"][key], color=COLOURS[i % len(COLOURS)],
-                              label=s["label"])
+                # open markers of different shapes, nudged apart: equal values stay visible
+                _mpl_errorbar(ax, _dodge(i, n, s["x"]), s["panels"][key],
+                              color=COLOURS[i % len(COLOURS)], label=s["label"],
+                              fmt=MPL_MARKERS[i % len(MPL_MARKERS)] + "-", markerfacecolor="none",
+                              markersize=7)
             ax.set_title(title, fontsize=10)
             ax.set_xlabel(sw["xlabel"])
             ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize=8)
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(3, len(labels)),
+                   fontsize=8)
         fig.suptitle("steering sweep: medians, bars p10 – p90", fontsize=11)
         figs["steering_sweep"] = fig
     st = steps_data(data)
@@ -230,7 +284,7 @@ def matplotlib_figures(data: dict) -> dict:
         ax.set_ylabel("KL (nats), median over runs")
         ax.set_title("per-step KL of the headline steering ops", fontsize=11)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        fig.legend(loc="outside lower center", ncols=2, fontsize=8)
         figs["steering_steps"] = fig
     la = latency_data(data)
     if la["models"]:
@@ -249,7 +303,7 @@ def matplotlib_figures(data: dict) -> dict:
         ax.set_xticks(x, la["models"])
         ax.set_ylabel("ms per resume (median)")
         ax.set_title("pause -> resume -> next pause, and its parts", fontsize=11)
-        ax.legend(fontsize=8)
+        fig.legend(loc="outside right upper", fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         figs["resume_latency"] = fig
     kv = kv_data(data)
@@ -266,13 +320,13 @@ def matplotlib_figures(data: dict) -> dict:
         ax.set_xlabel("step of the pause")
         ax.set_ylabel("bytes")
         ax.set_title("KV residency: bytes per resume vs the KV cache", fontsize=11)
-        ax.legend(fontsize=8)
+        fig.legend(loc="outside lower center", ncols=2, fontsize=8)
         ax.grid(alpha=0.3)
         figs["kv_residency"] = fig
     ck = checkpoint_data(data)
     if ck["models"]:
-        fig = Figure(figsize=(8, 4), layout="constrained")
-        ax = fig.subplots()
+        fig = Figure(figsize=(10, 4.4), layout="constrained")
+        ax, ax2 = fig.subplots(1, 2, width_ratios=[3, 2])
         x = np.arange(len(ck["models"]))
         n = len(ck["bars"])
         width = 0.8 / n
@@ -282,11 +336,25 @@ def matplotlib_figures(data: dict) -> dict:
                    color=COLOURS[i % len(COLOURS)],
                    yerr=[[p[1] for p in pts], [p[2] for p in pts]], capsize=2)
         ax.set_xticks(x, ck["models"])
-        ax.set_ylabel("ms (median, bars p10 – p90)")
-        ax.set_title("checkpoint cost", fontsize=11)
-        ax.axhline(0, color="#888", linewidth=0.8)
-        ax.legend(fontsize=8)
+        ax.set_ylabel("ms")
+        ax.set_ylim(bottom=0)
+        ax.set_title("cost: median, bars p10 – p90", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.12), ncols=2, frameon=False)
         ax.grid(axis="y", alpha=0.3)
+        for i, o in enumerate(ck["overhead"]):
+            ax2.scatter(i + _jitter(len(o["samples"])), o["samples"], s=14, color="#777",
+                        alpha=0.7, label="one run" if i == 0 else None)
+            if o["median"] is not None:
+                ax2.hlines(o["median"], i - 0.35, i + 0.35, color="black", linewidth=2.5,
+                           label="median" if i == 0 else None)
+        ax2.axhline(0, color="#888", linewidth=0.8)
+        ax2.set_xticks(x, ck["models"])
+        ax2.set_xlim(-0.6, len(x) - 0.4)
+        ax2.set_ylabel(OVERHEAD_AXIS, fontsize=8)
+        ax2.set_title(OVERHEAD_TITLE, fontsize=9)
+        ax2.legend(fontsize=8, loc="upper left", bbox_to_anchor=(0, -0.12), ncols=2, frameon=False)
+        ax2.grid(axis="y", alpha=0.3)
+        fig.suptitle("checkpoint cost, and generation while a copy runs", fontsize=11)
         figs["checkpoint_cost"] = fig
     return figs
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import html
+import statistics
 import json
 from pathlib import Path
 from typing import Optional, Union
@@ -48,10 +49,23 @@ _CHECKPOINT = ("checkpoint_dispatch_client_ms", "checkpoint_dispatch_server_ms",
                "checkpoint_generation_overhead_ms", "checkpoint_restore_exact")
 
 
+def _center(m: dict):
+    """The median a table shows. A step is a whole number: with an even number of runs the
+    plain median can fall between two steps (14.5), so steps show the lower median, a step
+    at which some run really diverged."""
+    samples = [v for v in m.get("samples") or [] if v is not None]
+    if m.get("unit") == "step" and samples:
+        return statistics.median_low(samples)
+    return m["median"]
+
+
 def _row(model: str, group: str, key: str, m: dict) -> dict:
+    how = m["how_measured"]
+    if m.get("unit") == "step" and m.get("samples"):
+        how += " Shown: the lower median (a step some run diverged at), not a midpoint."
     return {"model": model, "group": group, "key": key, "metric": m["name"], "unit": m["unit"],
-            "median": m["median"], "p10": m["p10"], "p90": m["p90"], "n": m["n"],
-            "how_measured": m["how_measured"]}
+            "median": _center(m), "p10": m["p10"], "p90": m["p90"], "n": m["n"],
+            "how_measured": how}
 
 
 def headline_rows(data: dict) -> list[dict]:
@@ -93,7 +107,7 @@ def sweep_rows(data: dict) -> list[dict]:
                    "value": var["value"]}
             for key in _STEER:
                 met = var["metrics"].get(key)
-                row[key] = None if met is None else met["median"]
+                row[key] = None if met is None else _center(met)
                 row[key + "_p10"] = None if met is None else met["p10"]
                 row[key + "_p90"] = None if met is None else met["p90"]
             rows.append(row)
@@ -160,7 +174,8 @@ def html_table(rows: list[dict], how: bool = True) -> str:
 def sweep_markdown(rows: list[dict]) -> str:
     cols = ("mismatch_rate", "first_divergent_step", "kl", "tf_kl", "top1_agreement",
             "tf_top1_agreement", "rel_logit_change", "tf_rel_logit_change")
-    out = ["| model | layer | op | value | " + " | ".join(cols) + " |",
+    heads = [c + " (lower median)" if c == "first_divergent_step" else c for c in cols]
+    out = ["| model | layer | op | value | " + " | ".join(heads) + " |",
            "| --- | --- | --- | --- | " + " | ".join("---" for _ in cols) + " |"]
     for r in rows:
         out.append(f"| {r['model']} | {r['layer']} | {r['op']} | {r['value']:g} | "
@@ -211,6 +226,42 @@ class ExperimentRecord:
 
     def metrics(self, model: str) -> dict:
         return self.model(model)["metrics"]
+
+    def metric(self, model: str, group: str, key: str, variant=None) -> dict:
+        """One metric of one model: ``rec.metric("smollm2-135m", "steering", "tf_kl")["median"]``.
+
+        ``group`` is a key of the model's metrics (``resume``, ``latency``, ``kv``,
+        ``steering``, ``checkpoint``, ...). A steering metric comes from the headline op
+        (the one variant run as an op) unless ``variant`` names another by label
+        (``"scale 0.5"``) or value (``0.5``). The dict holds ``median``, ``p10``, ``p90``,
+        ``n``, ``unit``, ``how_measured`` and, where kept, ``samples``. Unknown names raise
+        a ``KeyError`` that lists the choices."""
+        metrics = self.metrics(model)
+        if group not in metrics:
+            raise KeyError(f"no metric group {group!r} for {model} (groups: {', '.join(metrics)})")
+        found = metrics[group]
+        if group == "steering":
+            found = self._variant(found["variants"], variant)["metrics"]
+        elif variant is not None:
+            raise KeyError(f"variant= is for the steering group, not {group!r}")
+        if key not in found or not isinstance(found[key], dict):
+            names = [k for k, v in found.items() if isinstance(v, dict)]
+            raise KeyError(f"no metric {key!r} in {model}'s {group} (metrics: {', '.join(names)})")
+        return found[key]
+
+    @staticmethod
+    def _variant(variants: list, variant) -> dict:
+        if variant is None:
+            ops = [v for v in variants if v["in_ops"]]
+            if len(ops) == 1:
+                return ops[0]
+            raise KeyError("name the steering variant (variant=): "
+                           + ", ".join(repr(v["label"]) for v in ops or variants))
+        for v in variants:
+            if v["label"] == variant or (not isinstance(variant, str) and v["value"] == variant):
+                return v
+        raise KeyError(f"no steering variant {variant!r} (variants: "
+                       + ", ".join(repr(v["label"]) for v in variants) + ")")
 
     def tokens(self, model: str) -> dict:
         """{(rep, prompt_index, seed): baseline tokens} of a model (to compare runs)."""

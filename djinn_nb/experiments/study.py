@@ -25,16 +25,16 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional
 
 import numpy as np
 
 from djinn_protocol.checkpoint_file import read_header, read_metadata
-from djinn_protocol.errors import DjinnError, InvalidArgumentError
+from djinn_protocol.errors import DjinnError
 
 from ..results import Finished, Paused
-from .config import clip_layer, clip_layers, config_hash, load_config
-from .stats import HOW, clean, metric
+from .config import clip_layer, clip_layers, config_hash
+from .stats import HOW, clean
 
 RECORD_FORMAT = "djinn-experiment-record/1"
 PROBE_PROMPT = "The quick brown fox"

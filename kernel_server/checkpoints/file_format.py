@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from djinn_protocol import __version__
+from djinn_protocol.expressions import join_constants, split_constants
 from djinn_protocol.checkpoint_file import FORMAT, read_header
 from djinn_protocol.errors import CheckpointError, DjinnError
 from kernel_server.runtime.generation import GenerationConfig, GenState
@@ -51,7 +52,12 @@ def to_bytes(ck: Checkpoint, loaded: LoadedModel) -> bytes:
     for index, r in enumerate(ck.interventions.rules):
         if r.op.vector is not None:
             tensors[f"rule.{index}.vector"] = r.op.vector.detach().to("cpu").contiguous()
-        rules.append({"id": r.id, "layer": r.layer, "phase": r.phase, "site": r.site,
+        edit = None
+        if r.op.expr is not None:            # an expression: its tree, constants as tensors
+            edit, arrays = split_constants(r.op.expr.tree)
+            for j, array in enumerate(arrays):
+                tensors[f"rule.{index}.const.{j}"] = torch.from_numpy(np.array(array, dtype=np.float32))
+        rules.append({"id": r.id, "layer": r.layer, "phase": r.phase, "site": r.site, "edit": edit,
                       "head": r.op.head, "rows": None if r.rows is None else list(r.rows),
                       "steps": None if r.steps is None else sorted(r.steps), "kind": r.op.kind,
                       "scale": r.op.scale, "alpha": r.op.alpha,
@@ -77,15 +83,18 @@ def from_bytes(data, loaded: LoadedModel, owner: str, limits=None) -> Checkpoint
     as if it came through the API, against this model and this server's limits."""
     import safetensors.torch
     meta_raw = read_header(data).get("__metadata__") or {}
-    if "djinn" not in meta_raw or "sha256" not in meta_raw:
+    if not isinstance(meta_raw.get("djinn"), str) or not isinstance(meta_raw.get("sha256"), str):
         raise CheckpointError("not a djinn checkpoint: no djinn metadata in the file")
     try:
         tensors = safetensors.torch.load(bytes(data))
     except Exception as exc:
-        raise CheckpointError(f"damaged checkpoint file (truncated?): {exc}") from None
+        raise CheckpointError(f"damaged checkpoint file (truncated?): {str(exc)[:300]}") from None
     if content_digest(meta_raw["djinn"], tensors) != meta_raw["sha256"]:
         raise CheckpointError("damaged or tampered checkpoint: its content hash does not match")
-    meta = json.loads(meta_raw["djinn"])
+    try:
+        meta = json.loads(meta_raw["djinn"])
+    except (ValueError, RecursionError):
+        raise CheckpointError("not a djinn checkpoint: unreadable metadata") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"unsupported checkpoint format {meta.get('format')!r}")
     want, have = meta.get("identity"), _model_identity(loaded)
@@ -97,7 +106,8 @@ def from_bytes(data, loaded: LoadedModel, owner: str, limits=None) -> Checkpoint
         return _checked_checkpoint(meta, tensors, loaded, owner, limits)
     except CheckpointError:
         raise
-    except (DjinnError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+    except (DjinnError, KeyError, TypeError, ValueError, AttributeError, RuntimeError,
+            IndexError, OverflowError, RecursionError) as exc:
         raise CheckpointError(f"invalid checkpoint contents: {type(exc).__name__}: {exc}") from None
 
 
@@ -120,6 +130,12 @@ def _checked_checkpoint(meta: dict, tensors: dict, loaded: LoadedModel, owner: s
     if (not prompt or len(prompt) > limits.max_prompt_tokens or tokens[:len(prompt)] != prompt
             or len(tokens) != len(prompt) + step or step > config.max_new_tokens):
         raise CheckpointError("invalid checkpoint contents: prompt, tokens and step disagree")
+    # the positions it has plus the tokens it may still make must fit this model's context
+    if loaded.max_positions is not None and len(prompt) + config.max_new_tokens > loaded.max_positions:
+        raise CheckpointError(f"invalid checkpoint contents: {len(prompt)} prompt positions and "
+                              f"max_new_tokens={config.max_new_tokens} pass {loaded.name}'s "
+                              f"context of {loaded.max_positions} positions")
+    validation.logits_cap(config.return_logits, config.max_new_tokens, vocab, limits)
     records = meta["records"]
     if not isinstance(records, list) or len(records) != step or not all(
             isinstance(r, dict) and set(r) == _RECORD_KEYS for r in records):
@@ -137,6 +153,11 @@ def _checked_checkpoint(meta: dict, tensors: dict, loaded: LoadedModel, owner: s
                 "rows": r.get("rows")}
         if r["kind"] == "scale":
             spec["scale"] = r["scale"]
+        elif r["kind"] == "expr":
+            arrays = [tensors[k].numpy() for k in sorted(
+                (k for k in tensors if k.startswith(f"rule.{index}.const.")),
+                key=lambda k: int(k.rsplit(".", 1)[1]))]
+            spec["edit"] = join_constants(r.get("edit"), arrays)
         else:
             vec = tensors.get(f"rule.{index}.vector")
             if vec is None:
@@ -148,23 +169,46 @@ def _checked_checkpoint(meta: dict, tensors: dict, loaded: LoadedModel, owner: s
     n_kv = validation.integer(meta["kv_layers"], "kv_layers", 0, n_layers)
     if n_kv != (n_layers if kv_len else 0):
         raise CheckpointError("invalid checkpoint contents: KV cache layer count")
+    validation.intervention_caps(Interventions(bps, rules), limits)
     kv = [(tensors[f"kv.{i}.keys"], tensors[f"kv.{i}.values"]) for i in range(n_kv)]
+    want = (1, *_kv_heads(loaded))
     for k, v in kv:
-        if (k.dtype != dtype or v.dtype != dtype or k.dim() != 4 or k.shape[0] != 1
-                or k.shape[2] != kv_len or v.shape[:3] != k.shape[:3]):
-            raise CheckpointError("invalid checkpoint contents: KV cache shapes or dtype")
-    logits = list(tensors["logits"].numpy()) if "logits" in tensors else []
-    if logits and (len(logits) != step or logits[0].shape != (vocab,)):
+        if (k.dtype != dtype or v.dtype != dtype or k.dim() != 4 or v.dim() != 4
+                or (k.shape[0], k.shape[1], k.shape[3]) != want or k.shape[2] != kv_len
+                or v.shape != k.shape):
+            raise CheckpointError(f"invalid checkpoint contents: KV cache shapes or dtype (this "
+                                  f"model keeps [1, {want[1]}, positions, {want[2]}] {dtype})")
+    rows = tensors.get("logits")
+    if rows is not None and (rows.dtype != torch.float32 or tuple(rows.shape) != (step, vocab)
+                             or not config.return_logits):
+        raise CheckpointError("invalid checkpoint contents: logit rows")
+    logits = list(rows.numpy()) if rows is not None and step else []
+    if config.return_logits and len(logits) != step:
         raise CheckpointError("invalid checkpoint contents: logit rows")
     rng = tensors.get("rng_state")
-    if rng is not None and rng.dtype != torch.uint8:
-        raise CheckpointError("invalid checkpoint contents: RNG state")
+    if rng is not None and (rng.dtype != torch.uint8 or tuple(rng.shape) != _rng_shape(loaded)):
+        raise CheckpointError("invalid checkpoint contents: RNG state (not this device's "
+                              "generator state)")
     state = GenState(prompt, tokens, step, records, logits, config,
                      validation.integer(meta["seed"], "seed", 0, 2**63 - 1), rng)
     kv_nbytes = sum(tensor_nbytes(k) + tensor_nbytes(v) for k, v in kv)
     return Checkpoint(uuid.uuid4().hex[:12], owner, loaded.name, state, Interventions(bps, rules),
                       kv, kv_nbytes + sum(r.nbytes for r in logits),
                       created=float(meta.get("created", 0.0)), kv_nbytes=kv_nbytes)
+
+
+def _kv_heads(loaded: LoadedModel) -> tuple[int, int]:
+    """(KV heads, head dim) of the model's attention, from its config."""
+    cfg = loaded.model.config
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or loaded.hidden_size // heads
+    return int(kv_heads), int(head_dim)
+
+
+def _rng_shape(loaded: LoadedModel) -> tuple:
+    """The shape of the state of a sampling generator on the model's device."""
+    return tuple(torch.Generator(device=loaded.device).get_state().shape)
 
 
 _RECORD_KEYS = {"step", "token_id", "text", "top_ids", "top_probs", "forward_ms", "paused_ms",

@@ -72,17 +72,30 @@ def copy_interventions(iv: Interventions) -> Interventions:
 
 def kv_slices(cache, length: int) -> list:
     """(keys, values) of each layer cut to ``length`` positions (views, no copy). Paused
-    mid-forward, the layers before the pause already hold this token's entries: cut off."""
+    mid-forward, the layers before the pause already hold this token's entries: cut off.
+
+    Sliding-window layers (Mistral, Gemma 2/3, GPT-OSS, ...: transformers'
+    ``DynamicSlidingWindowLayer``) are taken while they still hold every position, i.e. the
+    context has not yet passed the window (a layer keeps its last ``sliding_window - 1``
+    positions); that is a plain cache, and restoring it through ``update()`` rebuilds the same
+    layer. Once a layer has dropped a position the checkpoint is a ``CheckpointError``."""
     if cache is None or length == 0:
         return []
-    from transformers.cache_utils import DynamicLayer, StaticLayer
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, StaticLayer
     out = []
-    for layer in cache.layers:
+    for i, layer in enumerate(cache.layers):
         # StaticLayer: a fast-decode slot (kernel_server/runtime/fast_decode.py), max_len positions
-        if type(layer) not in (DynamicLayer, StaticLayer):
+        if type(layer) not in (DynamicLayer, StaticLayer, DynamicSlidingWindowLayer):
             raise CheckpointError(
-                f"checkpoints support full-attention caches only; this model's cache has "
-                f"{type(layer).__name__} layers (sliding-window attention)")
+                f"checkpoints support full-attention and not-yet-wrapped sliding-window KV caches "
+                f"only; this model's cache has {type(layer).__name__} layers")
+        if type(layer) is DynamicSlidingWindowLayer and layer.is_initialized \
+                and layer.keys.shape[-2] < max(layer.cumulative_length, length):
+            raise CheckpointError(
+                f"layer {i} is a sliding-window layer (window {layer.sliding_window}) that has "
+                f"already dropped its oldest positions ({layer.cumulative_length} positions seen, "
+                f"{layer.keys.shape[-2]} kept); checkpoints of sliding-window caches work while "
+                f"the context is at most {layer.sliding_window - 1} positions")
         if layer.is_initialized:
             k, v = layer.keys, layer.values
             if k.shape[-2] != length:
@@ -112,8 +125,14 @@ class PinnedArena:
     def __init__(self, nbytes: int, buffer: torch.Tensor | None = None):
         self.buffer = buffer if buffer is not None else torch.empty(nbytes, dtype=torch.uint8,
                                                                      pin_memory=True)
+        self.nbytes = nbytes
         self._free = [(0, nbytes)]            # (offset, size), sorted by offset
         self._lock = threading.Lock()
+
+    def idle(self) -> bool:
+        """No block is handed out (the arena can be replaced)."""
+        with self._lock:
+            return self._free == [(0, self.nbytes)]
 
     def take(self, nbytes: int):
         """A block of at least ``nbytes``: (uint8 tensor view, release function) or None."""

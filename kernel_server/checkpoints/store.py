@@ -5,6 +5,7 @@ import threading
 import time
 import uuid
 
+import torch
 
 from djinn_protocol.errors import CheckpointError, LimitExceededError
 from kernel_server.runtime.generation import GenState
@@ -13,6 +14,20 @@ from kernel_server.model.registry import LoadedModel
 from kernel_server.checkpoints.snapshot import (Checkpoint, PinnedArena, copy_interventions,
                                                  copy_per_device, copy_to_host, kv_slices,
                                                  side_stream, tensor_nbytes)
+
+
+def kv_bytes_per_position(loaded) -> int:
+    """Bytes of keys and values one position of context holds in ``loaded``'s cache, from
+    its config (every layer: keys + values, key/value heads x head size, the model dtype)."""
+    cfg = loaded.model.config
+    cfg = getattr(cfg, "get_text_config", lambda: cfg)()
+    layers = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) \
+        or loaded.num_layers
+    heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head")
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    hidden = getattr(cfg, "hidden_size", None) or getattr(cfg, "n_embd")
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return 2 * int(layers) * int(kv_heads) * int(head_dim) * torch.empty((), dtype=loaded.dtype).element_size()
 
 
 class CheckpointStore:
@@ -25,14 +40,33 @@ class CheckpointStore:
         self._items: dict[str, Checkpoint] = {}
         self._lock = threading.Lock()
 
-    def prepare(self, device) -> None:
+    def prepare(self, device, context: int | None = None) -> None:
         """Allocate the pinned arena now (CUDA only), so no checkpoint pays for it; one
-        side stream per device (``device`` may be a list: a model over several devices)."""
+        side stream per device. ``device``: a device, a list of them (a model over several
+        devices), or a ``LoadedModel``: then the arena is sized by ``pool_bytes_for`` to
+        hold a checkpoint of the model's whole context (``context`` positions, default the
+        model's limit), so the first checkpoint is as quick to dispatch as any other."""
+        want = self.pinned_pool_bytes
+        if hasattr(device, "devices"):                     # a LoadedModel
+            want = self.pool_bytes_for(device, context)
+            device = device.devices
         for device in (device if isinstance(device, (list, tuple)) else [device]):
             if device.type == "cuda":
                 side_stream(device)
-                if self.arena is None and self.pinned_pool_bytes > 0:
-                    self.arena = PinnedArena(self.pinned_pool_bytes)
+                if want > 0 and (self.arena is None
+                                 or (self.arena.nbytes < want and self.arena.idle())):
+                    self.arena = None                      # the old buffer goes before the new
+                    self.arena = PinnedArena(want)
+                    self.pinned_pool_bytes = want
+
+    def pool_bytes_for(self, loaded, context: int | None = None) -> int:
+        """Pinned bytes for one checkpoint of ``loaded`` at ``context`` positions (default:
+        the model's limit; neither: the configured pool): its keys and values, never less
+        than the configured pool, never more than the host-memory budget."""
+        limit = loaded.max_positions
+        positions = min(p for p in (context, limit) if p) if (context or limit) else 0
+        need = kv_bytes_per_position(loaded) * positions
+        return min(self.budget_bytes, max(self.pinned_pool_bytes, need))
 
     @property
     def used_bytes(self) -> int:

@@ -1,5 +1,6 @@
-"""Bit-reproducible single-query attention on CUDA: every decode step of a run gives the
-same numbers whatever ran on the GPU before it.
+"""Bit-reproducible single-query attention: every decode step of a run gives the same
+numbers whatever ran on the GPU before it, whichever cache holds the keys, and whoever
+else is in the batch.
 
 Why: on an H200 (torch 2.11, bfloat16) the fused SDPA kernels that serve a decode step
 (one query token: flash attention without a mask on a DynamicCache, the memory-efficient
@@ -7,42 +8,94 @@ kernel with the static cache's mask) are not reproducible from run to run. The s
 layer, fed bit-identical queries, keys and values, now and then returns an output a few
 bfloat16 ulps off, depending on what the allocator handed out before (the same step
 repeated in a loop never differs). Two generations of the same prompt with the same
-rules then part after a few tokens, and so do a fresh run and a restored checkpoint; a
-steering sweep from a checkpoint could not reproduce fresh generations, with or without
-CUDA graphs (``.gpu/diag_fast.py``: the first op that differs is always ``sdpa``; with
-the math kernel no run differs). Float32 happened to be reproducible in those runs.
+rules then part after a few tokens, and so do a fresh run and a restored checkpoint
+(``.gpu/diag_fast.py``: the first op that differs is always ``sdpa``).
 
 What: transformers' ``sdpa`` attention entry is wrapped once per process, by ``install()``,
-which ``kernel_server.model.registry.load_model`` calls before it builds a model (code that builds a
-``LoadedModel`` by hand - tests, benchmarks - calls ``install()`` itself; constructing a
-``LoadedModel`` patches nothing). The wrapper is process-wide because transformers' attention
-registry is: every model of the process then decodes through it. A call with
-one query position on a CUDA device runs ``aten::_scaled_dot_product_attention_math``
-(a matmul, a softmax and a matmul: cuBLAS and elementwise kernels, deterministic) in
-float32, the grouped query heads packed onto their key/value heads (no copy of the
-cache per head). Everything else - the prefill, CPU, any call with dropout or extras
-this wrapper does not know - goes to the original function unchanged. Decode attention
-reads one row of scores per head, so the math kernel costs little next to the weights;
-in float32 it reads the cache in place, in half precision it converts one layer's keys
-and values to float32 per step. ``DJINN_EXACT_DECODE_ATTENTION=0`` leaves transformers'
-attention as it is (faster on very long contexts, not reproducible on GPU).
+which ``kernel_server.model.registry.load_model`` calls before it builds a model (code that
+builds a ``LoadedModel`` by hand - tests, benchmarks - calls ``install()`` itself). The
+wrapper is process-wide because transformers' attention registry is. A call with one
+query position on a CUDA device takes one of two deterministic kernels:
+
+- ``triton`` (the default where Triton imports): a split-KV ("flash-decoding") kernel of
+  our own, ``_split_kernel`` + ``_combine_kernel``. Each program owns one (batch row,
+  key/value head, split); block j of ``block_n`` positions belongs to split
+  ``j % KV_SPLITS``, whatever the cache's length. A block with no attended position (the
+  padded tail of a static cache: the mask says so on the device, so one CUDA graph serves
+  every length) is skipped before its keys and values are read: only the positions in use
+  are read, spread evenly over the splits. Each split keeps a running max, sum and float32
+  accumulator (online softmax); a second kernel merges a row's ``KV_SPLITS`` partials in
+  one fixed order. No atomics, no autotuning (the configuration is a function of the model's head
+  shape only), so: the same inputs give the same bits every time; a row's numbers depend
+  on its own extent, queries, keys and values only - not on the batch size or the other
+  rows (batch-invariant), and not on the cache's padded length (a 1024- or 8192-position
+  static cache and the DynamicCache of eager decode give the same bits).
+- ``math``: ``aten::_scaled_dot_product_attention_math`` in float32 over the whole cache
+  (a matmul, a softmax and a matmul: deterministic, but it pays for the padded bucket).
+  The fallback when Triton is missing or a call has a shape the fused kernel does not
+  take (an additive float mask, a mask per query head, a head size over 256).
+
+Everything else - the prefill, CPU, any call with dropout or extras this wrapper does not
+know - goes to the original function unchanged. ``DJINN_EXACT_DECODE_ATTENTION=0`` leaves
+transformers' attention as it is (not reproducible on GPU); ``=math`` forces the float32
+math kernel; ``set_kernel`` switches at run time (benchmarks compare the three).
 """
 from __future__ import annotations
 
+import functools
 import os
 import threading
 
 import torch
 
-#: device types whose single-query attention takes the math kernel
+#: device types whose single-query attention takes a deterministic kernel
 DEVICE_TYPES = {"cuda"}
+#: splits of the fused kernel: fixed, so a row's reduction order is a function of its
+#: attended positions alone (changing it changes the numbers, as a different kernel would)
+KV_SPLITS = 32
+KERNELS = ("triton", "math", "sdpa")
 _lock = threading.Lock()
 _original = None
+_kernel: str | None = None      # None: "triton" where it imports, else "math"
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether Triton imports (the fused kernel then serves CUDA decode attention)."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:      # not installed, or a broken install: the math kernel serves
+        return False
+    return True
+
+
+def kernel() -> str:
+    """The kernel single-query CUDA attention takes now: ``triton``, ``math`` or ``sdpa``
+    (transformers' own, not reproducible)."""
+    if _kernel is not None:
+        return _kernel
+    env = os.environ.get("DJINN_EXACT_DECODE_ATTENTION", "1")
+    if env == "math" or not triton_available():
+        return "math"
+    return "triton"
+
+
+def set_kernel(name: str | None) -> None:
+    """Choose the decode attention kernel for the whole process (None: the default). For
+    benchmarks and tests: runs before and after the switch do not agree bit for bit."""
+    global _kernel
+    if name is not None and name not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}; got {name!r}")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("the fused decode attention needs Triton, which does not import here")
+    _kernel = name
 
 
 def single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                            mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
-    """Attention of one query position, deterministic on every device.
+    """Attention of one query position by the float32 math kernel, deterministic on every
+    device.
 
     query [batch, heads, 1, head_dim]; key, value [batch, kv_heads, positions, head_dim];
     mask None, bool (True: attend) or additive, broadcastable to [batch, heads, 1,
@@ -66,14 +119,230 @@ def single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     return out.to(dtype).reshape(b, heads, 1, value.shape[-1]).transpose(1, 2).contiguous()
 
 
+# ---- the fused split-KV kernel ----------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def fused_config(groups: int, head_dim: int) -> dict:
+    """The fused kernel's fixed configuration for a head shape (no autotuning: a tuned
+    choice could differ between runs, and with it the numbers)."""
+    g_pad = _next_pow2(groups)
+    block_n = 64 if g_pad <= 2 else 32 if g_pad <= 4 else 16
+    return {"G_PAD": g_pad, "D_PAD": _next_pow2(head_dim), "BLOCK_N": block_n,
+            "SPLITS": KV_SPLITS, "num_warps": 4, "num_stages": 2}
+
+
+def fused_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   mask: torch.Tensor | None) -> bool:
+    """Whether the fused kernel takes this call (else the math kernel serves it)."""
+    b, heads, q_len, dim = query.shape
+    if q_len != 1 or dim > 256 or value.shape[-1] != dim or key.shape[1] != value.shape[1]:
+        return False
+    if heads % key.shape[1] or heads // key.shape[1] > 16:
+        return False
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        return False
+    if mask is not None:
+        if (mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1
+                or mask.shape[-1] != key.shape[2] or mask.shape[0] not in (1, b)):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """The two Triton kernels, defined on first use (importing this module needs no Triton)."""
+    import triton
+    import triton.language as tl
+
+    # One compiled binary serves every call of a head shape: the mask is a runtime flag and
+    # the integers that change from call to call are not specialised on, so eager decode
+    # (a DynamicCache, no mask) and the static cache (a mask) run the very same code.
+    @triton.jit(do_not_specialize=["n_pos", "has_mask", "sm_b", "sm_n"])
+    def _split_kernel(Q, K, V, Mask, Opart, Mpart, Lpart,
+                      sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n,
+                      n_pos, has_mask, kv_heads, scale,
+                      GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                      D_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        bh = tl.program_id(0)                  # batch row * kv_heads + key/value head
+        split = tl.program_id(1)
+        b = bh // kv_heads
+        kvh = bh % kv_heads
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        d_ok = d < D
+        k_base = K + b * sk_b + kvh * sk_h
+        v_base = V + b * sv_b + kvh * sv_h
+        q_ptr = Q + b * sq_b + (kvh * GROUPS + g)[:, None] * sq_h + d[None, :]
+        q = tl.load(q_ptr, mask=(g < GROUPS)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        if G_PAD == 1:
+            q1 = tl.sum(q, axis=0)                                        # [D_PAD]
+        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([G_PAD], tl.float32)
+        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+        # block j of the cache goes to split j % SPLITS, in increasing j: the partition does
+        # not depend on the cache's length, and blocks with no attended position are skipped
+        # (never read); a masked lane reads 0 and scores -inf wherever it lies
+        for j in range(split, tl.cdiv(n_pos, BLOCK_N), SPLITS):
+            n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+            attend = n < n_pos
+            if has_mask != 0:
+                mv = tl.load(Mask + b * sm_b + n * sm_n, mask=attend, other=0)
+                attend = attend & (mv != 0)
+            if tl.max(attend.to(tl.int32), axis=0) > 0:
+                kv_ok = attend[:, None] & d_ok[None, :]
+                k = tl.load(k_base + n[:, None] * sk_n + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+                v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
+                if G_PAD == 1:
+                    s = tl.sum(k * q1[None, :], axis=1) * scale                     # [BLOCK_N]
+                    s = tl.where(attend, s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, axis=0))                      # [1]
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m_i - m_safe)
+                    p = tl.exp(s - tl.sum(m_safe, axis=0))
+                    l_i = l_i * alpha + tl.sum(p, axis=0)
+                    acc = acc * alpha[:, None] + tl.sum(p[:, None] * v, axis=0)[None, :]
+                else:
+                    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale   # [G_PAD, BLOCK_N]
+                    s = tl.where(attend[None, :], s, float("-inf"))
+                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                    alpha = tl.exp(m_i - m_safe)
+                    p = tl.exp(s - m_safe[:, None])
+                    l_i = l_i * alpha + tl.sum(p, axis=1)
+                    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
+                m_i = m_new
+        part = bh * SPLITS + split
+        tl.store(Opart + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], acc)
+        tl.store(Mpart + part * G_PAD + g, m_i)
+        tl.store(Lpart + part * G_PAD + g, l_i)
+
+    @triton.jit
+    def _combine_kernel(Opart, Mpart, Lpart, Out, so_b, so_h, kv_heads,
+                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                        D_PAD: tl.constexpr, SPLITS: tl.constexpr):
+        bh = tl.program_id(0)
+        b = bh // kv_heads
+        kvh = bh % kv_heads
+        s = tl.arange(0, SPLITS)
+        g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        rows = (bh * SPLITS + s)[:, None] * G_PAD + g[None, :]                # [SPLITS, G_PAD]
+        m = tl.load(Mpart + rows)
+        l = tl.load(Lpart + rows)
+        m_max = tl.max(m, axis=0)
+        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
+        w = tl.exp(m - m_safe[None, :])                                       # empty split: 0
+        denom = tl.sum(w * l, axis=0)
+        o = tl.load(Opart + rows[:, :, None] * D_PAD + d[None, None, :])     # [SPLITS, G_PAD, D_PAD]
+        out = tl.sum(w[:, :, None] * o, axis=0) / denom[:, None]
+        ok = (g < GROUPS)[:, None] & (d < D)[None, :]
+        tl.store(Out + b * so_b + (kvh * GROUPS + g)[:, None] * so_h + d[None, :],
+                 out.to(Out.dtype.element_ty), mask=ok)
+
+    return _split_kernel, _combine_kernel
+
+
+def fused_single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """Attention of one query position by the split-KV Triton kernel (shapes as
+    ``single_query_attention``; ``fused_supports`` must hold). Deterministic and
+    batch-invariant; reads each row's keys and values up to its extent only."""
+    split_kernel, combine_kernel = _kernels()
+    b, heads, _, dim = query.shape
+    kv_heads, n_pos = key.shape[1], key.shape[2]
+    groups = heads // kv_heads
+    cfg = fused_config(groups, dim)
+    if scale is None:
+        scale = dim ** -0.5
+    parts = b * kv_heads * cfg["SPLITS"] * cfg["G_PAD"]
+    f32 = dict(dtype=torch.float32, device=query.device)
+    opart = torch.empty(parts * cfg["D_PAD"], **f32)
+    mpart = torch.empty(parts, **f32)
+    lpart = torch.empty(parts, **f32)
+    out = torch.empty((b, 1, heads, dim), dtype=query.dtype, device=query.device)
+    if mask is not None:
+        rows = mask.expand(b, 1, 1, n_pos)[:, 0, 0, :].view(torch.uint8)
+        mask_args = (rows, rows.stride(0), rows.stride(1), 1)
+    else:
+        mask_args = (query, 0, 0, 0)        # never read (has_mask 0)
+    split_kernel[(b * kv_heads, cfg["SPLITS"])](
+        query, key, value, mask_args[0], opart, mpart, lpart,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), mask_args[1], mask_args[2],
+        n_pos, mask_args[3], kv_heads, float(scale),
+        GROUPS=groups, G_PAD=cfg["G_PAD"], D=dim, D_PAD=cfg["D_PAD"], SPLITS=cfg["SPLITS"],
+        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    combine_kernel[(b * kv_heads,)](
+        opart, mpart, lpart, out, out.stride(0), out.stride(2), kv_heads,
+        GROUPS=groups, G_PAD=cfg["G_PAD"], D=dim, D_PAD=cfg["D_PAD"], SPLITS=cfg["SPLITS"],
+        num_warps=cfg["num_warps"])
+    return out
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+    """Single-query attention by the process's deterministic kernel (``kernel()``): the
+    fused one where it takes the call, else the float32 math kernel."""
+    if (kernel() == "triton" and query.device.type != "cpu" or _interpreted()) \
+            and fused_supports(query, key, value, mask):
+        return fused_single_query_attention(query, key, value, mask, scale)
+    return single_query_attention(query, key, value, mask, scale)
+
+
+def _interpreted() -> bool:
+    # TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors (tests without a GPU)
+    return os.environ.get("TRITON_INTERPRET") == "1" and kernel() == "triton"
+
+
 def _exact_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                 is_causal=None, **kwargs):
     if (query.shape[2] != 1 or query.device.type not in DEVICE_TYPES or dropout
+            or kernel() == "sdpa"
             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks", "head_mask"))
             or query.shape[1] % key.shape[1] != 0 or kwargs.get("output_attentions")):
         return _original(module, query, key, value, attention_mask, dropout=dropout,
                          scaling=scaling, is_causal=is_causal, **kwargs)
-    return single_query_attention(query, key, value, attention_mask, scaling), None
+    return decode_attention(query, key, value, attention_mask, scaling), None
+
+
+#: the largest logit gap between eager and fast decode where they are not bit-identical
+#: (float32, CPU: PyTorch's SDPA over the padded static cache vs over the DynamicCache)
+ROUNDING_BOUND = 1e-3
+
+
+def exactness(device, dtype) -> dict:
+    """Which decode modes give the same bits for a model on ``device`` in ``dtype``, as
+    tests/integration/test_exact_attention.py checks them (``LoadedModel.info()`` reports
+    it). Modes: ``eager`` (fast decode off: a DynamicCache, every step eager), ``fast``
+    (the server's fast path: CUDA graphs on CUDA, the static cache on CPU), ``repeated``
+    (the same run again), ``restored`` (a checkpoint restored and continued). ``same_bits``
+    lists groups whose logits agree bit for bit; ``within`` lists (mode, mode, max |logit
+    difference|) that agree in tokens and to that bound only."""
+    device = torch.device(device)
+    dtype_name = str(dtype).removeprefix("torch.")
+    wrapped = _original is not None and installed()
+    attention = (kernel() if wrapped and device.type in DEVICE_TYPES else "sdpa")
+    out = {"device": device.type, "dtype": dtype_name, "decode_attention": {
+        "triton": "split-KV Triton kernel: deterministic, batch-invariant, reads the extent only",
+        "math": "float32 math kernel over the whole cache: deterministic",
+        "sdpa": "PyTorch's scaled_dot_product_attention"}[attention]}
+    if device.type == "cuda" and attention == "triton":
+        # one kernel whose bits depend on a row's extent only: the padded static cache of
+        # the graphs and the DynamicCache of eager decode give the same numbers
+        out.update(same_bits=[["eager", "fast", "repeated", "restored"]], within=[])
+    elif device.type == "cuda" and attention == "math":
+        # the math kernel reduces over the padded bucket: another rounding than eager's
+        out.update(same_bits=[["fast", "repeated", "restored"]], within=[],
+                   differ=[["eager", "fast", "rounding: a reduction over the padded cache"]])
+    elif device.type == "cuda":
+        out.update(same_bits=[], within=[],
+                   differ=[["fast", "repeated", "PyTorch's fused SDPA kernels vary from run to run"]])
+    else:
+        out.update(same_bits=[["fast", "repeated", "restored"]],
+                   within=[["eager", "fast", ROUNDING_BOUND]])
+    return out
 
 
 def install() -> None:

@@ -12,14 +12,15 @@ Positions = Union[str, tuple]  # "all" | "last" | tuple of absolute token positi
 
 @dataclass(frozen=True)
 class EditOp:
-    """h <- scale*h, h <- h + alpha*vector, or h <- vector, on chosen positions."""
-    kind: str                      # "scale" | "add" | "set"
+    """h <- scale*h, h <- h + alpha*vector, h <- vector, or h <- expr(h), on chosen positions."""
+    kind: str                      # "scale" | "add" | "set" | "expr"
     scale: float = 1.0
     alpha: float = 1.0
     vector: torch.Tensor | None = None   # [hidden] or [n_positions, hidden], on the model device
     positions: Positions = "all"
     head: int | None = None        # heads site: edit only this head (vector is [head_dim])
     head_dim: int = 0
+    expr: object = None            # kind "expr": a kernel_server.model.expressions.Expression
 
     def describe(self) -> dict:
         d = {"op": self.kind, "positions": list(self.positions) if isinstance(self.positions, tuple)
@@ -32,6 +33,8 @@ class EditOp:
             d["alpha"] = self.alpha
         if self.vector is not None:
             d["vector_shape"] = list(self.vector.shape)
+        if self.expr is not None:
+            d["expr"] = self.expr.describe()
         return d
 
 
@@ -123,6 +126,8 @@ def apply_edit(hidden: torch.Tensor, op: EditOp, start: int) -> torch.Tensor:
     selection = select_rows(op.positions, start, hidden.shape[1])
     vec = None if op.vector is None else op.vector.to(device=hidden.device, dtype=hidden.dtype)
     if selection is None:
+        if op.kind == "expr":
+            return op.expr(hidden)
         if op.kind == "scale":
             return hidden * op.scale
         if op.kind == "add":
@@ -136,7 +141,9 @@ def apply_edit(hidden: torch.Tensor, op: EditOp, start: int) -> torch.Tensor:
     out = hidden.clone()
     index = torch.tensor(rows, device=hidden.device)
     part = out[:, index, :]
-    if op.kind == "scale":
+    if op.kind == "expr":
+        part = op.expr(part)
+    elif op.kind == "scale":
         part = part * op.scale
     elif op.kind == "add":
         part = part + op.alpha * vec

@@ -120,23 +120,135 @@ def load_tokenizer_and_model(name: str, dtype: torch.dtype, **extra):
             model = GPT2LMHeadModel(config)
         return tok, model.to(dtype)
     path = Path(name).expanduser()
-    if name.endswith(".gguf"):
-        if not path.is_file():
-            raise UnknownModelError(f"GGUF file {name!r} not found")
-        tok = gguf_tokenizer(str(path.parent), path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                     **extra)
-        return tok, model
-    if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
-        raise UnknownModelError(f"model path {name!r} does not exist")
     try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **extra)
-    except OSError as exc:
-        raise UnknownModelError(
-            f"unknown model {name!r}: not a registry name ({', '.join(REGISTRY)}), "
-            f"a local path, a .gguf file or a Hugging Face id in the local cache ({exc.__class__.__name__})"
-        ) from None
+        if name.endswith(".gguf"):
+            if not path.is_file():
+                raise FileNotFoundError(name)
+            tok = gguf_tokenizer(str(path.parent), path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=dtype, local_files_only=True, **extra)
+            return tok, model
+        if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
+            raise FileNotFoundError(name)
+        # local_files_only whatever the environment says: a client never makes this server
+        # reach the network (model ids resolve in the local cache only)
+        tok = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=True,
+                                                     **extra)
+    except MemoryError:
+        raise
+    except Exception:
+        raise unknown_model(name) from None
     return tok, model
 
 
+def unknown_model(name: str) -> UnknownModelError:
+    """The one answer for every name that cannot be loaded (missing, not a model, needing
+    remote code, not in the local cache): the same words whatever the reason, so that the
+    answer does not tell a client whether a path exists on the server."""
+    return UnknownModelError(
+        f"unknown model {name!r:.300}: not a registry name ({', '.join(REGISTRY)}), nor a model "
+        "directory, .gguf file or Hugging Face id in this server's local cache")
+
+
+# ---- admission before allocation ----------------------------------------------------------------
+def model_config(name: str):
+    """The config of the model ``name``, read without building it (``UnknownModelError`` for
+    anything that is not a loadable model). None for the built-in small models."""
+    from transformers import AutoConfig
+    if name in ("tiny-gpt2", "gpt2-124m-random", "smollm2-135m"):
+        return None
+    if name.startswith("random:"):
+        from kernel_server.model.sharding import RANDOM_SHAPES
+        from transformers import LlamaConfig
+        shape = name[len("random:"):]
+        if shape not in RANDOM_SHAPES:
+            return None                  # the loader names the shapes it knows
+        return LlamaConfig(vocab_size=49152, max_position_embeddings=8192,
+                           tie_word_embeddings=False, **RANDOM_SHAPES[shape])
+    if name.endswith(".gguf"):
+        return None                      # (the file's size bounds its weights: checked below)
+    path = Path(name).expanduser()
+    if not path.exists() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
+        raise unknown_model(name)
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except Exception:
+        raise unknown_model(name) from None
+
+
+def estimate_bytes(config, dtype: torch.dtype) -> int:
+    """The bytes of a model's parameters in ``dtype``, counted on the meta device (nothing
+    is allocated): the memory its weights need before any KV cache."""
+    size = torch.empty(0, dtype=dtype).element_size()
+    get = lambda k: getattr(config, k, None)      # noqa: E731
+    h, layers, inter, vocab = (get("hidden_size"), get("num_hidden_layers"),
+                               get("intermediate_size"), get("vocab_size"))
+    if all(type(x) is int and x > 0 for x in (h, layers, inter, vocab)):
+        # the Llama family's layout (Mistral, Qwen, ...): counted in closed form, at once
+        heads = get("num_attention_heads") or 1
+        kv = (get("num_key_value_heads") or heads) * (get("head_dim") or h // heads)
+        per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+        embed = vocab * h * (1 if get("tie_word_embeddings") else 2)
+        return (layers * per_layer + embed + h) * size
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters()) * size
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory a new model may still take on ``device``: free CUDA memory, or for the CPU the
+    host's available memory, bounded by the process's address-space limit if it has one."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        try:
+            with open("/proc/self/statm") as f:
+                vm = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            vm = 0
+        room = max(soft - vm, 0)
+        avail = room if avail is None else min(avail, room)
+    return avail if avail is not None else 1 << 62
+
+
+#: weights may take this share of what is free; the rest is for activations, KV caches
+ADMIT_SHARE = 0.9
+
+
+def admit(name: str, device: str | None, dtype: str | None) -> None:
+    """``LimitExceededError`` before anything is built when the model ``name`` cannot fit
+    the memory of the device it would load on (its parameters x dtype against free memory)."""
+    from djinn_protocol.errors import LimitExceededError
+    config = model_config(name)
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if config is None:
+        if name.endswith(".gguf") and Path(name).expanduser().is_file():
+            need = Path(name).expanduser().stat().st_size      # de-quantised: at least this
+        else:
+            return
+    else:
+        try:
+            need = estimate_bytes(config, dt)
+        except Exception:
+            raise unknown_model(name) from None
+    room = free_bytes(dev)
+    if need > ADMIT_SHARE * room:
+        raise LimitExceededError(
+            f"model {name!r:.300} needs about {need / 2**30:.1f} GiB for its weights in "
+            f"{str(dt).removeprefix('torch.')} on {dev}, but only {room / 2**30:.1f} GiB is free "
+            "there; it was not loaded")

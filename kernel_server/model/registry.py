@@ -45,6 +45,9 @@ class LoadedModel:
     # the fast-decode slots of this model (kernel_server.runtime.fast_decode.decoder_for makes it;
     # None: no fast run yet)
     fast_decoder: object = field(default=None, init=False, repr=False)
+    # the decode scheduler of this model (kernel_server.runtime.scheduler.scheduler_for makes
+    # it; None: the engine is off or no run yet)
+    decode_scheduler: object = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.hooks = HookRegistry(self.layers)
@@ -97,7 +100,9 @@ class LoadedModel:
                 "dtype": str(self.dtype).removeprefix("torch."),
                 "architecture": type(self.model).__name__, "max_positions": self.max_positions,
                 "devices": [str(d) for d in self.devices],
-                "layer_devices": [str(self.layer_device(i)) for i in range(self.num_layers)]}
+                "layer_devices": [str(self.layer_device(i)) for i in range(self.num_layers)],
+                # which decode modes agree bit for bit here (tests/integration/test_exact_attention.py)
+                "exactness": exact_attention.exactness(self.device, self.dtype)}
 
 
 def load_model(name: str, device: str | None = None, dtype: str | None = None,

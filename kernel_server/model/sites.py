@@ -28,7 +28,7 @@ SITES = ("resid", "attn", "mlp", "heads", "attn_pattern")
 MODULE_PREFIX = "module:"
 
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
-_MLP_NAMES = ("mlp", "feed_forward", "ffn")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")   # (the last two: MoE blocks)
 _OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "wo")
 _FINAL_NORMS = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm",
                 "model.decoder.final_layer_norm", "transformer.norm_f", "model.final_layernorm")
@@ -59,9 +59,13 @@ def _child(module, names):
 
 def head_geometry(loaded) -> tuple[int, int]:
     cfg = loaded.model.config
-    heads = int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head"))
+    heads = next((getattr(cfg, a) for a in ("num_attention_heads", "n_head", "num_heads")
+                  if isinstance(getattr(cfg, a, None), int)), None)
+    if not heads:
+        raise UnsupportedModelError(f"{type(loaded.model).__name__} has no attention heads in its "
+                                    "config (num_attention_heads, n_head, num_heads): no head geometry")
     head_dim = int(getattr(cfg, "head_dim", None) or loaded.hidden_size // heads)
-    return heads, head_dim
+    return int(heads), head_dim
 
 
 def resolve(loaded, layer: int, name: str) -> Site:
@@ -125,3 +129,34 @@ def unembed(loaded, hidden: torch.Tensor) -> torch.Tensor:
     w = next(head.parameters())
     return head(norm(hidden.to(device=w.device, dtype=w.dtype))).float()
 
+
+
+_EMBEDS = ("model.embed_tokens", "transformer.drop", "gpt_neox.embed_in", "model.decoder.embed_tokens",
+           "transformer.wte")
+
+
+def from_hook_name(loaded, layer, name):
+    """(layer, site) for ``name`` given as a TransformerLens hook name (``blocks.6.hook_resid_post``,
+    djinn_protocol.hook_names; its layer wins over ``layer``), else (layer, name) unchanged. ``hook_embed`` and
+    ``blocks.0.hook_resid_pre`` become the model's embedding output (for GPT-2 the sum of token
+    and position embeddings, after dropout), ``ln_final.hook_normalized`` its final norm."""
+    from djinn_protocol import hook_names
+    if not hook_names.is_hook_name(name):
+        return layer, name
+    try:
+        tl_layer, site = hook_names.parse(name)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
+    if site == "embed":
+        modules = loaded.module_index
+        path = next((p for p in _EMBEDS if p in modules), None)
+        if path is None:
+            raise UnsupportedModelError(f"cannot find the embedding output of {type(loaded.model).__name__}")
+        return None, MODULE_PREFIX + path
+    if site == "ln_final":
+        modules = loaded.module_index
+        path = next((p for p in _FINAL_NORMS if p in modules), None)
+        if path is None:
+            raise UnsupportedModelError(f"{type(loaded.model).__name__} has no final norm")
+        return None, MODULE_PREFIX + path
+    return tl_layer, site

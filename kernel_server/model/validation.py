@@ -36,6 +36,43 @@ class Limits:
     reconnect_grace_s: float = 0.0         # keep a disconnected client's sessions this long
     max_models: int = 4                    # models loaded at once, the default one included
     max_batch: int = 64                    # prompts in one batched generate()
+    # caps that keep one client from holding what the server has (issue 17)
+    max_breakpoints: int = 64              # breakpoints per session
+    max_rules: int = 64                    # steering rules per session
+    max_steps_listed: int = 100_000        # steps listed over a session's breakpoints and rules
+    max_logits_mb: float = 256.0           # logit rows a return_logits run may keep
+    max_offers_per_client: int = 4         # bulk downloads waiting to be fetched, per principal
+    max_connections: int = 512             # client connections at once
+    max_unauthenticated: int = 64          # connections waiting to authenticate at once
+    handshake_timeout_s: float = 10.0      # the whole opening (TLS, token) of a connection
+
+
+def intervention_caps(interventions, limits: Limits, breakpoint=None, rule=None) -> None:
+    """``LimitExceededError`` when adding ``breakpoint`` or ``rule`` to a session's
+    ``interventions`` would pass the caps on breakpoints, rules or listed steps."""
+    bps = list(interventions.breakpoints) + ([breakpoint] if breakpoint is not None else [])
+    rules = list(interventions.rules) + ([rule] if rule is not None else [])
+    if len(bps) > limits.max_breakpoints:
+        raise LimitExceededError(f"a session holds at most {limits.max_breakpoints} breakpoints "
+                                 "(--max-breakpoints); clear some first")
+    if len(rules) > limits.max_rules:
+        raise LimitExceededError(f"a session holds at most {limits.max_rules} steering rules "
+                                 "(--max-rules); clear some first")
+    listed = sum(len(x.steps) for x in [*bps, *rules] if x.steps is not None)
+    if listed > limits.max_steps_listed:
+        raise LimitExceededError(f"the session's breakpoints and rules would list {listed} steps, "
+                                 f"over the server limit of {limits.max_steps_listed} "
+                                 "(--max-steps-listed)")
+
+
+def logits_cap(return_logits: bool, max_new_tokens: int, vocab_size: int, limits: Limits) -> None:
+    """``LimitExceededError`` when a run's kept logit rows could pass ``--max-logits-mb``."""
+    need = max_new_tokens * vocab_size * 4
+    if return_logits and need > limits.max_logits_mb * 2**20:
+        raise LimitExceededError(f"return_logits for {max_new_tokens} tokens would keep "
+                                 f"{need / 2**20:.0f} MiB of logits, over the server limit of "
+                                 f"{limits.max_logits_mb:g} MiB (--max-logits-mb); ask for fewer "
+                                 "tokens or score() the run afterwards")
 
 
 def integer(value: Any, name: str, lo: int | None = None, hi: int | None = None) -> int:
@@ -128,15 +165,19 @@ def vector(value: Any, hidden_size: int, name: str, device, dtype) -> torch.Tens
 
 
 def edit_op(args: dict, hidden_size: int, device, dtype, standing: bool = False) -> EditOp:
-    """One edit from keyword arguments: exactly one of scale=, add= (with alpha=), set=.
-    A ``standing`` rule (steer) meets chunks of any length: its per-position vector needs
-    explicit positions."""
-    given = [k for k in ("scale", "add", "set") if args.get(k) is not None]
+    """One edit from keyword arguments: exactly one of scale=, add= (with alpha=), set=,
+    edit= (an expression, ``djinn_protocol.expressions``). A ``standing`` rule (steer) meets
+    chunks of any length: its per-position vector needs explicit positions."""
+    given = [k for k in ("scale", "add", "set", "edit") if args.get(k) is not None]
     if len(given) != 1:
-        raise InvalidEditError("give exactly one of scale=, add= or set= "
+        raise InvalidEditError("give exactly one of scale=, add=, set= or edit= "
                                f"(got {', '.join(given) or 'none'})")
     pos = positions(args.get("positions", "all"))
     kind = given[0]
+    if kind == "edit":
+        from kernel_server.model.expressions import compile_expression
+        return EditOp("expr", expr=compile_expression(args["edit"], hidden_size, dtype, device),
+                      positions=pos)
     if kind == "scale":
         return EditOp("scale", scale=number(args["scale"], "scale", -1e6, 1e6), positions=pos)
     alpha = number(args.get("alpha", 1.0), "alpha", -1e6, 1e6)
@@ -214,7 +255,8 @@ def prompt_ids(prompt: Any, tokenizer, chat: bool, limits: Limits, vocab_size: i
     return ids
 
 
-RULE_KEYS = {"layer", "scale", "add", "alpha", "set", "positions", "phase", "steps", "site", "head"}
+RULE_KEYS = {"layer", "scale", "add", "alpha", "set", "edit", "positions", "phase", "steps", "site",
+             "head"}
 
 
 def steering_rule(loaded, spec: dict, limits: Limits, rule_id: int) -> SteeringRule:

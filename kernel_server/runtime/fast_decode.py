@@ -22,9 +22,12 @@ the GPU. When no breakpoint is hot for a step, the step is one ``CUDAGraph.repla
   into a DynamicCache again and the slot goes back to the pool: checkpoints, forks and
   restores of a finished run never see a slot.
 
-The static attention covers the whole slot (masked past the context), so fast-mode logits
-match the eager DynamicCache ones to rounding (a longer, masked reduction; on CPU also
-another SDPA kernel), not bit for bit. Within fast mode the invariants of the design hold bit for bit:
+On CUDA with Triton, single-query attention is the split-KV kernel of
+``kernel_server.model.exact_attention``, which reads only the positions in use and reduces in
+a fixed order: fast-mode logits equal the eager DynamicCache ones bit for bit (tested on an
+H200: tiny Llama float32, random Llama-1B/7B bfloat16; ``info()["exactness"]`` states it). On
+CPU (PyTorch's SDPA over the whole masked slot) and with the float32 math fallback they
+match to rounding, not bit for bit. Within fast mode the invariants of the design hold bit for bit:
 the eager fallback step on the static cache and the graph replay run the same kernels, and
 the in-graph steering math equals ``apply_edit`` exactly (a scale is multiplied in the op's
 math type as a Python scalar would be; ``alpha * vector`` is pre-computed by the same
@@ -122,6 +125,8 @@ def plan_step(interventions, step: int, position: int, ignore_breakpoints: bool 
         fired.setdefault(rule.layer, []).append(rule.id)
         if rule.site != "resid" or rule.op.head is not None:
             return StepPlan("rule off the residual stream")   # kernel_server.model.sites: eager hooks
+        if rule.op.kind == "expr":
+            return StepPlan("expression rule")      # (evaluated by the eager hooks)
         if rule.steps is not None:
             return StepPlan("step-limited rule")
         pos = rule.op.positions

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from djinn_protocol.errors import DjinnError, LimitExceededError, ServerError
-from kernel_server.runtime import fast_decode
+from kernel_server.runtime import fast_decode, scheduler
 from kernel_server.model.interventions import EditOp, Interventions, apply_edit, apply_rule
 from kernel_server.model.registry import LoadedModel
 
@@ -156,6 +156,7 @@ class GenerationRun:
         self._commands: queue.Queue = queue.Queue()
         self._deliver = None         # one-shot: the next event goes here, not to _events
         self._fast = None            # the fast-decode path of this run (kernel_server.runtime.fast_decode)
+        self._member = None          # its row in the model's decode scheduler (kernel_server.runtime.scheduler)
         self._future = None
         self._phase = "prefill"
         self._fired_breaks: list[int] = []
@@ -263,9 +264,12 @@ class GenerationRun:
             with self.loaded.hooks.active(self), torch.inference_mode():
                 try:
                     self._decode_loop()
-                finally:   # fast decode: the KV cache leaves its static slot before any event
+                finally:   # the KV cache leaves its static slot / lane row before any event
                     if self._fast is not None:
                         self._fast.close()
+                    if self._member is not None:
+                        member, self._member = self._member, None
+                        member.scheduler.leave(member)
             event = self.finished_event()
         except _Aborted as why:
             self.stop_reason = str(why.args[0]) if why.args else "stopped"
@@ -286,7 +290,10 @@ class GenerationRun:
         if self.cache is None:
             self.cache = DynamicCache(config=model.config)
         eos = _eos_ids(loaded)
-        fast = self._fast = fast_decode.attach(self)   # None: fast decode off (CPU default)
+        # the model's decode scheduler batches the decode steps of every run (None: off)
+        sched = scheduler.scheduler_for(loaded)
+        # None: fast decode off (CPU default) or the scheduler runs the decode steps
+        fast = self._fast = fast_decode.attach(self) if sched is None else None
         # the prefill feeds the whole prompt; a restored run feeds its last token
         next_input = torch.tensor([self.tokens if self.step == 0 else self.tokens[-1:]], device=device)
         while self.step < cfg.max_new_tokens:
@@ -297,16 +304,26 @@ class GenerationRun:
             self._fired_breaks, self._fired_rules, self._paused_s = [], [], 0.0
             mask = torch.ones((1, len(self.tokens)), dtype=torch.long, device=device)
             t0 = time.perf_counter()
-            with loaded.compute_lock:
-                # a CUDA-graph step on a static cache, or None: the eager forward below
-                logits = fast.forward(next_input) if fast is not None else None
-                if logits is None:
-                    out = model(input_ids=next_input, attention_mask=mask, use_cache=True,
-                                logits_to_keep=1, **{loaded.cache_kwarg: self.cache})
-                    logits = out.logits[:, -1, :]
+            if sched is not None and self.step > 0:
+                # a row of the batched step, or the same shape outside it (may pause);
+                # the scheduler takes the compute lock itself
+                if self._member is None:
+                    self._member = sched.join(self)
+                logits = self._member.forward(next_input)
                 token = self._pick(logits)
                 top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(cfg.record_top_k)
-                token_id = int(token)          # the one host sync of a step
+                token_id = int(token)
+            else:
+                with loaded.compute_lock:
+                    # a CUDA-graph step on a static cache, or None: the eager forward below
+                    logits = fast.forward(next_input) if fast is not None else None
+                    if logits is None:
+                        out = model(input_ids=next_input, attention_mask=mask, use_cache=True,
+                                    logits_to_keep=1, **{loaded.cache_kwarg: self.cache})
+                        logits = out.logits[:, -1, :]
+                    token = self._pick(logits)
+                    top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(cfg.record_top_k)
+                    token_id = int(token)          # the one host sync of a step
             t1 = time.perf_counter()
             if cfg.return_logits:
                 self.logits.append(logits[0].float().cpu().numpy())
@@ -343,16 +360,23 @@ class GenerationRun:
         """The rules and breakpoints of (``layer``, ``site``) on this step: the edited
         tensor, or None when nothing changed it."""
         start = len(self.tokens) - hidden.shape[1]
-        new = hidden
-        for rule in self.interventions.rules:
-            if rule.site == site and rule.matches(layer, self.step, self._phase):
-                new = apply_rule(new, rule, start)
-                self._fired_rules.append(rule.id)
+        new = self.apply_rules(layer, site, hidden)
         if self._should_pause(layer, site):
             self._fired_breaks.append(layer)
             new = self._wait_while_paused(PausePoint(layer, self.step, self._phase, start, new,
                                                      site=site))
         return None if new is hidden else new
+
+    def apply_rules(self, layer: int, site: str, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` with the standing rules of (``layer``, ``site``) on this step applied
+        (the same tensor when none fires); the decode scheduler calls it on this run's row."""
+        start = len(self.tokens) - hidden.shape[1]
+        new = hidden
+        for rule in self.interventions.rules:
+            if rule.site == site and rule.matches(layer, self.step, self._phase):
+                new = apply_rule(new, rule, start)
+                self._fired_rules.append(rule.id)
+        return new
 
     def _should_pause(self, layer: int, site: str = "resid") -> bool:
         target = self.step_target

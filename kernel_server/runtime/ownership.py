@@ -58,6 +58,15 @@ class Owners:
         with self._lock:
             self._principals[owner] = who
 
+    def principal_of(self, owner: str) -> str | None:
+        with self._lock:
+            return self._principals.get(owner)
+
+    def owners_of(self, who: str) -> list[str]:
+        """The owner ids (live or orphaned connections) of principal ``who``."""
+        with self._lock:
+            return [o for o, p in self._principals.items() if p == who]
+
     def disconnected(self, owner: str) -> int | None:
         """The connection of ``owner`` is gone: release its sessions and checkpoints now
         (returns how many sessions), or keep them for the grace period (returns None)."""

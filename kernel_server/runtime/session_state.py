@@ -93,6 +93,7 @@ class Session:
                 stop_at_eos=validation.boolean(stop_at_eos, "stop_at_eos"),
                 record_top_k=validation.integer(record_top_k, "record_top_k", 1, 100),
                 return_logits=validation.boolean(return_logits, "return_logits"))
+            validation.logits_cap(config.return_logits, max_new, self.loaded.vocab_size, lim)
             chat = validation.boolean(chat, "chat")
             if validation.is_batch(prompt):
                 from kernel_server.runtime.batch import BatchRun
@@ -211,6 +212,10 @@ class Session:
             if ck.model != self.loaded.name:
                 raise CheckpointError(f"checkpoint {ck.id} is of model {ck.model!r}; this session "
                                       f"runs {self.loaded.name!r}")
+            # positions so far plus the tokens still to make must fit the model's context
+            # (a file's fields are checked on load; this holds for every restore)
+            self.loaded.check_context(len(ck.state.prompt_ids) + ck.state.config.max_new_tokens,
+                                      f"checkpoint {ck.id}'s generation")
             cache = cache_from_host(ck, self.loaded)
             if self.state == PAUSED:
                 self.run.command("abort")
@@ -228,10 +233,21 @@ class Session:
     # ---- one-shot passes (no generation; allowed whenever no forward pass of ours runs) ---
     def score(self, tokens, start=None, steering="session", compare=True, top_k=5,
               return_logits=False) -> dict:
-        """Teacher-forced log-probs of ``tokens[start:]`` in one pass (see analysis.score)."""
+        """Teacher-forced log-probs of ``tokens[start:]`` in one pass (see analysis.score);
+        a list of sequences runs as padded batches and gives a list (one ``start`` for all)."""
         from kernel_server.model import passes as analysis
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
+            if validation.is_batch(tokens):
+                seqs = self._prompts_arg(tokens, "tokens")
+                if min(len(q) for q in seqs) < 2:
+                    raise InvalidArgumentError("score needs at least 2 tokens in every sequence")
+                first = 1 if start is None else validation.integer(
+                    start, "start", 1, min(len(q) for q in seqs) - 1)
+                return analysis.score_many(
+                    self.loaded, seqs, [first] * len(seqs), self._rules_arg(steering),
+                    validation.boolean(compare, "compare"), validation.integer(top_k, "top_k", 1, 100),
+                    validation.boolean(return_logits, "return_logits"))
             ids = validation.prompt_ids(tokens, self.loaded.tokenizer, False, self.limits,
                                self.loaded.vocab_size)
             if len(ids) < 2:
@@ -253,6 +269,11 @@ class Session:
             return analysis.steering_vector(self.loaded, pos, neg,
                                             validation.layer(layer, self.loaded.num_layers),
                                             validation.choice(reduce, "reduce", ("last", "mean")))
+
+    def _prompts_arg(self, value, name: str) -> list:
+        """Token ids of each prompt of a batch (a list of texts / id lists), at most 256."""
+        return validation.prompt_list(value, name, self.loaded.tokenizer, self.limits,
+                                      self.loaded.vocab_size)
 
     def _rules_arg(self, steering) -> list:
         if steering == "session":
@@ -288,12 +309,14 @@ class Session:
 
     def cache(self, prompt, sites=("resid",), layers=None, reduce=None, steering=None) -> dict:
         """One forward pass over ``prompt``; the activations of ``sites`` x ``layers``,
-        reduced on the server (see analysis.cache)."""
+        reduced on the server (see analysis.cache); a list of prompts runs as padded
+        batches and gives a list of caches."""
         from kernel_server.model import passes as analysis
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
-            ids = validation.prompt_ids(prompt, self.loaded.tokenizer, False, self.limits,
-                               self.loaded.vocab_size)
+            batch = self._prompts_arg(prompt, "prompt") if validation.is_batch(prompt) else None
+            ids = max(batch, key=len) if batch else validation.prompt_ids(
+                prompt, self.loaded.tokenizer, False, self.limits, self.loaded.vocab_size)
             if isinstance(sites, str):
                 sites = [sites]
             if not isinstance(sites, (list, tuple)) or not sites or len(sites) > 16:
@@ -305,48 +328,154 @@ class Session:
             for name in sites:
                 for layer in ([None] if isinstance(name, str) and name.startswith("module:") else layers):
                     resolved, _, _, _ = self._site(layer, name, writable=False)
-                    keys.append(resolved.key)
+                    if resolved.key not in keys:        # (a hook name holds its one layer)
+                        keys.append(resolved.key)
             per_row = self.loaded.hidden_size * 4 * (len(ids) if reduce in (None, "norm") else 1)
-            if reduce is None and len(keys) * per_row * len(ids) > 2**30:
+            if reduce is None and len(keys) * per_row * len(ids) * len(batch or [1]) > 2**30:
                 raise LimitExceededError("this cache would be over 1 GiB: ask for fewer layers or "
                                          "sites, or a reduce= ('last', 'mean', 'norm')")
+            if batch:
+                return analysis.cache_many(self.loaded, batch, keys, reduce, self._rules_arg(steering))
             return analysis.cache(self.loaded, ids, keys, reduce, self._rules_arg(steering))
 
     def lens(self, prompt, layers=None, k=10, target=None) -> dict:
-        """Logit lens of the prompt's last position after each of ``layers``, one pass."""
+        """Logit lens of the prompt's last position after each of ``layers``, one pass (a
+        list of prompts: padded batches, a list of results)."""
         from kernel_server.model import passes as analysis
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
-            ids = validation.prompt_ids(prompt, self.loaded.tokenizer, False, self.limits,
-                               self.loaded.vocab_size)
             if target is not None:
                 target = validation.integer(target, "target", 0, self.loaded.vocab_size - 1)
+            if validation.is_batch(prompt):
+                return analysis.lens_many(self.loaded, self._prompts_arg(prompt, "prompt"),
+                                          self._layers_arg(layers), validation.integer(k, "k", 1, 1000),
+                                          target)
+            ids = validation.prompt_ids(prompt, self.loaded.tokenizer, False, self.limits,
+                               self.loaded.vocab_size)
             return analysis.lens_layers(self.loaded, ids, self._layers_arg(layers),
                                         validation.integer(k, "k", 1, 1000), target)
 
     def patch(self, clean, corrupted, layer, answer, positions=None, site="resid", head=None) -> dict:
-        """Activation patching of one layer (see analysis.patch_row)."""
+        """Activation patching of one layer, its positions as the rows of one batch (see
+        analysis.patch_row)."""
         from kernel_server.model import passes as analysis
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
-            tok, lim, vocab = self.loaded.tokenizer, self.limits, self.loaded.vocab_size
-            clean_ids = validation.prompt_ids(clean, tok, False, lim, vocab)
-            bad_ids = validation.prompt_ids(corrupted, tok, False, lim, vocab)
-            if len(clean_ids) != len(bad_ids):
-                raise InvalidArgumentError(
-                    f"clean and corrupted prompts must have the same number of tokens "
-                    f"({len(clean_ids)} vs {len(bad_ids)}) so that positions line up")
-            resolved, head, _, _ = self._site(layer, site, head)
+            clean_ids, bad_ids, name, layers, positions, answer, head = self._patch_args(
+                clean, corrupted, layer, answer, positions, site, head)
+            return analysis.patch_row(self.loaded, clean_ids, bad_ids, layers[0], name,
+                                      positions, answer, head)
+
+    def patch_sweep(self, clean, corrupted, answer, layers=None, positions=None, site="resid",
+                    head=None, batch=64) -> dict:
+        """Activation patching of every layer x position cell in one call, ``batch`` cells
+        as the rows of one forward (see analysis.patch_cells)."""
+        from kernel_server.model import passes as analysis
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            clean_ids, bad_ids, name, layers, positions, answer, head = self._patch_args(
+                clean, corrupted, layers, answer, positions, site, head, many=True)
+            if len(layers) * len(positions) > 4096:
+                raise LimitExceededError(f"{len(layers) * len(positions)} patching cells in one call "
+                                         "is over the limit of 4096: split the layers")
+            return analysis.patch_cells(self.loaded, clean_ids, bad_ids, name, layers, positions,
+                                        answer, head, validation.integer(batch, "batch", 1, 256))
+
+    def attribution_patch(self, clean, corrupted, answer, layers=None, site="resid") -> dict:
+        """Attribution patching: the first-order estimate of the patching grid from one
+        clean forward and one corrupted forward + backward (see analysis.attribution_patch)."""
+        from kernel_server.model import passes as analysis
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            clean_ids, bad_ids, name, layers, _, answer, _ = self._patch_args(
+                clean, corrupted, layers, answer, None, site, None, many=True)
+            if name not in ("resid", "attn", "mlp", "heads"):
+                raise InvalidArgumentError(f"attribution patching works on resid, attn, mlp, heads; "
+                                           f"not {name!r}")
+            self._check_grad_memory(len(bad_ids))
+            return analysis.attribution_patch(self.loaded, clean_ids, bad_ids, name, layers, answer)
+
+    def grad(self, prompt, metric="logit_diff", answer=None, target=None, start=None,
+             sites=("resid",), layers=None, reduce=None) -> dict:
+        """d(metric)/d(activation) at ``sites`` x ``layers`` (see analysis.grad)."""
+        from kernel_server.model import passes as analysis
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            vocab = self.loaded.vocab_size
+            ids = validation.prompt_ids(prompt, self.loaded.tokenizer, False, self.limits, vocab)
+            kind = validation.choice(metric, "metric", ("logit_diff", "logprob", "loss"))
+            spec: dict = {"kind": kind}
+            if kind == "logit_diff":
+                if not isinstance(answer, list) or len(answer) != 2:
+                    raise InvalidArgumentError("metric='logit_diff' needs answer=[correct, wrong] token ids")
+                spec["answer"] = tuple(validation.integer(a, "answer token", 0, vocab - 1) for a in answer)
+            elif kind == "logprob":
+                if target is None:
+                    raise InvalidArgumentError("metric='logprob' needs target= (a token id)")
+                spec["target"] = validation.integer(target, "target", 0, vocab - 1)
+            else:
+                if len(ids) < 2:
+                    raise InvalidArgumentError("metric='loss' needs at least 2 tokens")
+                spec["start"] = 1 if start is None else validation.integer(start, "start", 1, len(ids) - 1)
+            if reduce is not None:
+                validation.choice(reduce, "reduce", ("last", "mean", "norm"))
+            if isinstance(sites, str):
+                sites = [sites]
+            if not isinstance(sites, (list, tuple)) or not sites or len(sites) > 16:
+                raise InvalidArgumentError("sites must be a site name or a list of 1..16 of them")
+            keys = []
+            for name in sites:
+                for layer in self._layers_arg(layers):
+                    resolved, _, _, _ = self._site(layer, name, writable=False)
+                    if resolved.layer < 0 or resolved.name == "attn_pattern":
+                        raise InvalidArgumentError("gradients are taken at block sites (resid, attn, "
+                                                   f"mlp, heads), not {name!r:.80}")
+                    if resolved.key not in keys:
+                        keys.append(resolved.key)
+            self._check_grad_memory(len(ids))
+            return analysis.grad(self.loaded, ids, keys, spec, reduce)
+
+    def _check_grad_memory(self, n: int) -> None:
+        from kernel_server.model import passes as analysis
+        need = analysis.grad_bytes(self.loaded, n)
+        if need > analysis.GRAD_BYTES:
+            raise LimitExceededError(
+                f"a gradient pass over {n} tokens would hold about {need / 2**30:.1f} GiB for its "
+                f"backward, over the limit of {analysis.GRAD_BYTES / 2**30:.0f} GiB: use a shorter prompt")
+
+    def _patch_args(self, clean, corrupted, layers, answer, positions, site, head, many=False):
+        """Checked arguments of a patching call: (clean ids, corrupted ids, site name,
+        layers, positions, answer, head)."""
+        tok, lim, vocab = self.loaded.tokenizer, self.limits, self.loaded.vocab_size
+        clean_ids = validation.prompt_ids(clean, tok, False, lim, vocab)
+        bad_ids = validation.prompt_ids(corrupted, tok, False, lim, vocab)
+        if len(clean_ids) != len(bad_ids):
+            raise InvalidArgumentError(
+                f"clean and corrupted prompts must have the same number of tokens "
+                f"({len(clean_ids)} vs {len(bad_ids)}) so that positions line up")
+        layer_list = self._layers_arg(layers) if many else [layers]
+        names = set()
+        for i, layer in enumerate(layer_list):
+            resolved, head_i, _, _ = self._site(layer, site, head)
             if resolved.layer < 0:
                 raise InvalidArgumentError("patching works on block sites (resid, attn, mlp, heads)")
-            if not isinstance(answer, list) or len(answer) != 2:
-                raise InvalidArgumentError("answer must be two token ids [correct, wrong]")
-            answer = tuple(validation.integer(a, "answer token", 0, vocab - 1) for a in answer)
-            n = len(clean_ids)
-            positions = list(range(n)) if positions is None else \
-                [validation.integer(p, "position", 0, n - 1) for p in (positions if isinstance(positions, list) else [positions])]
-            return analysis.patch_row(self.loaded, clean_ids, bad_ids, resolved.layer, resolved.name,
-                                      positions, answer, head)
+            layer_list[i] = resolved.layer
+            names.add(resolved.name)
+        head = head_i
+        if not isinstance(answer, list) or len(answer) != 2:
+            raise InvalidArgumentError("answer must be two token ids [correct, wrong]")
+        answer = tuple(validation.integer(a, "answer token", 0, vocab - 1) for a in answer)
+        n = len(clean_ids)
+        positions = list(range(n)) if positions is None else \
+            [validation.integer(p, "position", 0, n - 1) for p in (positions if isinstance(positions, list) else [positions])]
+        return clean_ids, bad_ids, names.pop(), layer_list, positions, answer, head
+
+    def to_str_tokens(self, text) -> list:
+        """The text of each token of ``text`` (TransformerLens's ``to_str_tokens``)."""
+        with self._lock:
+            ids = validation.prompt_ids(text, self.loaded.tokenizer, False, self.limits,
+                                        self.loaded.vocab_size)
+            return [self.loaded.tokenizer.decode([t]) for t in ids]
 
     # ---- while paused -----------------------------------------------------------------
     def _paused_rows(self, positions, row: int = 0) -> torch.Tensor:
@@ -399,8 +528,9 @@ class Session:
             out.update(layer=point.layer, site=point.site, step=point.step)
             return out
 
-    def edit(self, scale=None, add=None, alpha=1.0, set=None, positions="all", head=None) -> dict:
-        args = dict(scale=scale, add=add, alpha=alpha, set=set, positions=positions)
+    def edit(self, scale=None, add=None, alpha=1.0, set=None, edit=None, positions="all",
+             head=None) -> dict:
+        args = dict(scale=scale, add=add, alpha=alpha, set=set, edit=edit, positions=positions)
         with self._lock:
             self._require(PAUSED)
             point = self.run.pause
@@ -421,7 +551,9 @@ class Session:
 
     # ---- breakpoints and steering ------------------------------------------------------
     def _site(self, layer, site, head=None, writable=True):
-        """Resolve and hook a site; (Site, head, vector width, device of its tensors)."""
+        """Resolve and hook a site; (Site, head, vector width, device of its tensors).
+        A TransformerLens hook name (``blocks.6.hook_resid_post``) names layer and site."""
+        layer, site = sites.from_hook_name(self.loaded, layer, site)
         resolved, head, width = validation.site(self.loaded, layer, site, head, writable)
         self.loaded.hooks.install_site(resolved)
         if resolved.layer >= 0:
@@ -437,6 +569,7 @@ class Session:
             bp = Breakpoint(resolved.layer, validation.choice(phase, "phase", validation.PHASES),
                             validation.steps(steps, self.limits), site=resolved.name)
             if bp not in self.interventions.breakpoints:
+                validation.intervention_caps(self.interventions, self.limits, breakpoint=bp)
                 self.interventions.breakpoints.append(bp)
             self._refresh()
             return bp.describe()
@@ -455,9 +588,10 @@ class Session:
             self._refresh()
             return before - len(self.interventions.breakpoints)
 
-    def steer(self, layer=None, scale=None, add=None, alpha=1.0, set=None, positions="all",
-              phase="both", steps=None, site="resid", head=None, rows=None) -> dict:
-        args = dict(scale=scale, add=add, alpha=alpha, set=set, positions=positions)
+    def steer(self, layer=None, scale=None, add=None, alpha=1.0, set=None, edit=None,
+              positions="all", phase="both", steps=None, site="resid", head=None,
+              rows=None) -> dict:
+        args = dict(scale=scale, add=add, alpha=alpha, set=set, edit=edit, positions=positions)
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
             resolved, head, width, device = self._site(layer, site, head)
@@ -472,6 +606,7 @@ class Session:
             if self.state == PAUSED and hasattr(self.run, "row_tokens"):
                 from kernel_server.runtime.batch import check_rules
                 check_rules(Interventions(rules=[rule]))
+            validation.intervention_caps(self.interventions, self.limits, rule=rule)
             self.interventions.rules.append(rule)
             self._refresh()
             return rule.describe()

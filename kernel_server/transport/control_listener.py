@@ -25,8 +25,12 @@ from kernel_server.transport.dispatch import dispatch
 log = logging.getLogger("kernel_server.control")
 
 HANDSHAKE_TIMEOUT = 10.0
+#: seconds a started request frame has to arrive whole (its header and meta), and the most
+#: its payload may stall; waiting for the next request is not limited (a researcher thinks)
+FRAME_TIMEOUT = 60.0
 OFFER_TTL = 60.0                   # seconds an offered nonce stays valid
 MAX_OFFERS_PER_CLIENT = 4
+MAX_CHANNELS = 1024                # live control connections (one per client connection)
 
 
 class ControlServer:
@@ -99,7 +103,13 @@ class ControlServer:
             except OSError:
                 if self._closed:
                     return
-                time.sleep(0.01)       # (out of file descriptors: do not spin)
+                time.sleep(0.05)       # (out of file descriptors: do not spin)
+                continue
+            with self._lock:
+                full = len(self._channels) >= MAX_CHANNELS
+            if full:
+                shutdown(conn)
+                conn.close()
                 continue
             threading.Thread(target=self._connection, args=(conn,), name="djinn-control",
                              daemon=True).start()
@@ -110,7 +120,8 @@ class ControlServer:
             conn.settimeout(HANDSHAKE_TIMEOUT)
             conn, _ = self.authenticator(conn)       # TLS and the token challenge, as for rpyc
             conn.settimeout(HANDSHAKE_TIMEOUT)
-            service = self._claim(bytes(recv_exact(conn, NONCE_BYTES)))
+            service = self._claim(bytes(recv_exact(conn, NONCE_BYTES,
+                                                    time.monotonic() + HANDSHAKE_TIMEOUT)))
             if service is None:
                 log.info("control connection refused: unknown or expired nonce")
                 return
@@ -156,8 +167,10 @@ class ControlServer:
                 settled.set()
         while True:
             try:
-                meta, payload = reader.read_meta(limit)
-            except EOFError:
+                meta, payload = reader.read_meta(limit, timeout=FRAME_TIMEOUT)
+            except (EOFError, OSError) as exc:     # closed, or a frame stalled (socket.timeout)
+                if isinstance(exc, OSError):
+                    log.info("closing a control connection: %s", exc)
                 return
             settled.wait()
             if meta is None or len(meta) + payload > self.max_request_bytes:

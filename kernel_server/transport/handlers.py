@@ -19,7 +19,7 @@ def hello(conn: Connection, owner_key):
     a disconnect). ``owner_key``: the client's owner proof (``djinn_protocol.handshake``)."""
     if owner_key is not None:
         conn.identify(owner_key)
-    return {**conn.kernel.info(), "owner": conn.owner}
+    return {**conn.kernel.info(conn.owner), "owner": conn.owner}
 
 
 def reattach(conn: Connection, owner):
@@ -56,8 +56,28 @@ def open_control(conn: Connection):
 
 
 # ---- sessions ----------------------------------------------------------------------------------
+def principal_key(conn: Connection) -> str:
+    """Whom per-client caps count for: the connection's principal (its token and owner key,
+    shared by all its connections), or the connection alone when it has none."""
+    return conn.kernel.owners.principal_of(conn.owner) or conn.owner
+
+
+def room_for_session(conn: Connection) -> None:
+    """``LimitExceededError`` when the caller's principal, over all its connections, holds
+    ``--max-sessions-per-client`` sessions already (a connection's own count is checked
+    again when the session opens)."""
+    kernel = conn.kernel
+    owners = kernel.owners.owners_of(principal_key(conn)) or [conn.owner]
+    held = sum(len(kernel.sessions.owned_by(o)) for o in owners)
+    cap = kernel.limits.max_sessions_per_client
+    if held >= cap:
+        raise LimitExceededError(f"this client already has {held} sessions over its connections, "
+                                 "the server limit (--max-sessions-per-client); close some first")
+
+
 def open_session(conn: Connection, model):
-    loaded = conn.kernel.models.get(model)
+    loaded = conn.kernel.model(model)
+    room_for_session(conn)
     return conn.kernel.sessions.open(loaded, conn.owner).info()
 
 
@@ -93,6 +113,7 @@ def restore(conn: Connection, session, checkpoint):
 def fork(conn: Connection, checkpoint):
     ck = conn.checkpoint(checkpoint)
     sessions = conn.kernel.sessions
+    room_for_session(conn)
     sess = sessions.open(conn.kernel.models.get(ck.model), conn.owner)
     try:
         return sess.restore(ck)
@@ -105,9 +126,10 @@ def export_checkpoint(conn: Connection, checkpoint):
     """Offer the checkpoint file on the bulk path; the client fetches it."""
     ck = conn.checkpoint(checkpoint)
     kernel = conn.kernel
-    data = ckpt_files.to_bytes(ck, kernel.models.get(ck.model))
-    offer = BulkTransfer(kernel.bulk_host, payload=data, tls=kernel.bulk_tls)
-    return {**offer.describe(), "nbytes": len(data)}
+    loaded = kernel.models.get(ck.model)
+    offer = kernel.hold_offer(principal_key(conn), lambda: BulkTransfer(
+        kernel.bulk_host, payload=ckpt_files.to_bytes(ck, loaded), tls=kernel.bulk_tls))
+    return {**offer.describe(), "nbytes": offer.nbytes}
 
 
 def begin_upload(conn: Connection, nbytes):
@@ -139,13 +161,14 @@ def import_checkpoint(conn: Connection, upload, session):
     else:
         name = meta["identity"]["model"]
         try:
-            loaded = kernel.models.get(name)
+            loaded = kernel.model(name)       # admission first: a file cannot build a huge model
         except DjinnError as exc:
             raise CheckpointError(f"the checkpoint's model {name!r} cannot be loaded here: "
                                   f"{exc}") from None
     ck = ckpt_files.from_bytes(data, loaded, conn.owner, kernel.limits)   # verified whole first
     opened = sess is None
     if opened:
+        room_for_session(conn)
         sess = kernel.sessions.open(loaded, conn.owner)
     try:
         kernel.checkpoints.add(ck)

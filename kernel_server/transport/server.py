@@ -130,7 +130,10 @@ class KernelServer:
         kernel.bulk_host = host
         kernel.bulk_tls = tls
         self.max_request_bytes = int(kernel.limits.max_request_mb * 2**20) + REQUEST_SLACK
-        self.authenticator = TokenAuthenticator(token, tls)
+        lim = kernel.limits
+        self.max_connections = lim.max_connections
+        self.authenticator = TokenAuthenticator(token, tls, timeout=lim.handshake_timeout_s,
+                                                max_pending=lim.max_unauthenticated)
         # the control channel: same host, same opening (TLS, token)
         self.control = ControlServer(host, self.authenticator, self.max_request_bytes)
         self._listener = listen(host, port)
@@ -148,15 +151,29 @@ class KernelServer:
 
     def serve_forever(self) -> None:
         """Accept connections until ``close()``; an accept error (out of file descriptors,
-        a reset) is logged and waited out, never the end of the server."""
+        a reset) is logged and waited out, never the end of the server. Past
+        ``--max-connections`` a new connection is closed at once."""
+        failing = 0
         while not self._closed.is_set():
             try:
                 sock, _ = self._listener.accept()
             except OSError as exc:
                 if self._closed.is_set():
                     return
-                log.warning("accept failed (%s); retrying", exc)
+                if failing % 100 == 0:       # (one line per 100 failures, not a log flood)
+                    log.warning("accept failed (%s); retrying", exc)
+                failing += 1
                 time.sleep(0.05)
+                continue
+            failing = 0
+            with self._lock:
+                self._threads = [t for t in self._threads if t.is_alive()]
+                full = len(self._threads) >= self.max_connections
+            if full:
+                log.warning("refusing a connection: %d connections already (--max-connections)",
+                            self.max_connections)
+                shutdown(sock)
+                sock.close()
                 continue
             thread = threading.Thread(target=self._serve_socket, args=(sock,),
                                       name="djinn-client", daemon=True)

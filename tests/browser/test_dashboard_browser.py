@@ -2,8 +2,13 @@
 Playwright, runs notebooks/03_dashboard.ipynb, moves the steering slider and waits for the
 divergence plot to change; then changes the prompt, moves the slider again and sees the new
 runs compared with no error box; checks that the token view scrolls inside its own box and
-that every layer toggle is in sight. Screenshots under the test's tmp_path (and
-docs/dashboard.png, docs/token_view.png when DJINN_UPDATE_SCREENSHOT=1)."""
+that every layer toggle is in sight. A second test opens notebooks/05_sites_and_patching.ipynb
+and draws its attention view. Screenshots under the test's tmp_path (and docs/dashboard.png,
+docs/token_view.png, docs/attention_view.png when DJINN_UPDATE_SCREENSHOT=1).
+
+Notebook 03 runs on tiny-gpt2 here (DJINN_NOTEBOOK_MODEL) for speed; with
+DJINN_UPDATE_SCREENSHOT=1 it runs on its default, SmolLM2-135M, so that the committed
+screenshots show real text."""
 from __future__ import annotations
 
 import json
@@ -24,6 +29,10 @@ pytestmark = pytest.mark.lab
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "03_dashboard.ipynb"
+ATTENTION_NOTEBOOK = ROOT / "notebooks" / "05_sites_and_patching.ipynb"
+UPDATE_SCREENSHOTS = os.environ.get("DJINN_UPDATE_SCREENSHOT") == "1"
+#: notebook 03's model (it reads DJINN_NOTEBOOK_MODEL) and its number of blocks
+MODEL, LAYERS = ("smollm2-135m", 30) if UPDATE_SCREENSHOTS else ("tiny-gpt2", 8)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
@@ -62,13 +71,15 @@ def lab(tmp_path):
         pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
     root, settings = tmp_path / "root", tmp_path / "settings"
     root.mkdir()
-    shutil.copy(NOTEBOOK, root / NOTEBOOK.name)
+    for notebook in (NOTEBOOK, ATTENTION_NOTEBOOK):
+        shutil.copy(notebook, root / notebook.name)
     notify = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
     notify.parent.mkdir(parents=True)
     notify.write_text(json.dumps({"fetchNews": "false"}))
     port, token = free_port(), secrets.token_hex(16)
     log = open(tmp_path / "jupyterlab.log", "wb")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
+               DJINN_NOTEBOOK_MODEL=MODEL)
     env.pop("DJINN_SERVER", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
@@ -153,7 +164,7 @@ def test_slider_changes_divergence_plot_in_jupyterlab(lab, tmp_path):
             # the token view scrolls in its own box; every layer has a visible toggle
             box = page.evaluate(TOKEN_BOX)
             assert box["overflow"] == "auto" and box["width"] <= box["dashboard"] + 1, box
-            expect(dash.locator(".dj-layer-toggles button")).to_have_count(8)
+            expect(dash.locator(".dj-layer-toggles button")).to_have_count(LAYERS)
             assert page.evaluate(TOGGLES_IN_SIGHT)
             expect(dash.locator(".dj-tokens td[title*='top-k']").first).to_be_attached()
 
@@ -162,8 +173,63 @@ def test_slider_changes_divergence_plot_in_jupyterlab(lab, tmp_path):
             dash.screenshot(path=str(shot))
             dash.locator(".dj-token-scroll").screenshot(path=str(tokens))
             assert shot.stat().st_size > 10_000
-            if os.environ.get("DJINN_UPDATE_SCREENSHOT") == "1":
+            if UPDATE_SCREENSHOTS:
                 shutil.copy(shot, ROOT / "docs" / "dashboard.png")
                 shutil.copy(tokens, ROOT / "docs" / "token_view.png")
+        finally:
+            browser.close()
+
+
+ATTENTION_FIGURE = """(cell) => {
+  const el = cell.querySelector('.js-plotly-plot');
+  if (!el || !el._fullData) return null;
+  return {traces: el._fullData.filter(t => t.type === 'heatmap').length,
+          ticks: Array.from(el._fullLayout.xaxis.ticktext || [])};
+}"""
+
+
+def test_attention_view_in_jupyterlab(lab, tmp_path):
+    """Notebook 05 up to its attention view, then the view itself: one heatmap per head of
+    SmolLM2's block 6, the prompt's tokens (whitespace drawn as ␣) on the axes."""
+    from playwright.sync_api import expect, sync_playwright
+    url, token = lab
+    expect.set_options(timeout=180_000)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1600})
+            page.set_default_timeout(180_000)
+            page.goto(f"{url}/lab/tree/{ATTENTION_NOTEBOOK.name}?reset&token={token}")
+            idle = page.locator('.jp-Notebook-ExecutionIndicator[data-status="idle"]')
+            expect(idle).to_be_visible()
+            cell = page.locator(".jp-CodeCell", has_text="dj.plots.attention_pattern(pat")
+            for attempt in range(3):     # the first menu click can land before the kernel is wired
+                cell.locator(".jp-InputPrompt").click()
+                page.locator('.lm-MenuBar-itemLabel:text-is("Run")').click()
+                page.locator('.lm-Menu-itemLabel:text-is("Run All Above Selected Cell")').click()
+                try:
+                    expect(page.locator(".jp-InputPrompt", has_text=re.compile(r"\[(\*|1)\]"))
+                           .first).to_be_visible(timeout=15_000)
+                    break
+                except AssertionError:
+                    page.screenshot(path=str(tmp_path / f"run-above-{attempt}.png"))
+            expect(page.locator(".jp-OutputArea-output", has_text="ActivationCache").first).to_be_visible()
+            expect(idle).to_be_visible()
+            cell.locator(".jp-InputPrompt").click()
+            page.locator('.lm-MenuBar-itemLabel:text-is("Run")').click()
+            page.locator('.lm-Menu-itemLabel:text-is("Run Selected Cell")').click()
+            plot = cell.locator(".jp-OutputArea .js-plotly-plot")
+            expect(plot).to_be_visible()
+            page.wait_for_function(f"(cell) => ({ATTENTION_FIGURE})(cell)", arg=cell.element_handle())
+            fig = page.evaluate(ATTENTION_FIGURE, cell.element_handle())
+            assert fig["traces"] == 9, fig                    # SmolLM2: 9 query heads
+            assert fig["ticks"][:2] == ["The", "\u2423capital"], fig
+            expect(cell.locator(".jp-OutputArea-output", has_text="Error")).to_have_count(0)
+            time.sleep(1.0)
+            shot = tmp_path / "attention_view.png"
+            plot.screenshot(path=str(shot))
+            assert shot.stat().st_size > 10_000
+            if UPDATE_SCREENSHOTS:
+                shutil.copy(shot, ROOT / "docs" / "attention_view.png")
         finally:
             browser.close()

@@ -124,3 +124,96 @@ def test_score_bad_input_is_a_typed_error(client, kwargs, error):
     with pytest.raises(dj.InvalidArgumentError):
         s.steering_vector(["a"], ["b"], layer=1, reduce="max")
     s.close()
+
+
+# ---- batched one-shot passes: each row equals its one-prompt pass ------------------------
+BATCH = ["I love this film", "What a happy day it is today", "x y", "The quick brown fox jumps over"]
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"], indirect=True)
+def test_batched_cache_lens_score_equal_one_prompt_passes(session):
+    """Left-padded batches (mask + position ids) give each row its one-prompt numbers:
+    to 1e-5 (batched matrix products round differently in the last bits)."""
+    layers = [0, 1, 2]
+    sites = ["resid", "attn", "mlp", "heads", "attn_pattern"]
+    for reduce in (None, "last", "mean", "norm"):
+        many = session.cache(BATCH, sites=sites, layers=layers, reduce=reduce)
+        assert len(many) == len(BATCH)
+        for prompt, got in zip(BATCH, many):
+            one = session.cache(prompt, sites=sites, layers=layers, reduce=reduce)
+            assert got.keys() == one.keys()
+            for key in one.keys():
+                np.testing.assert_allclose(got[key], one[key], atol=1e-5, rtol=1e-5)
+    for want, got in zip([session.lens(p, target=5) for p in BATCH], session.lens(BATCH, target=5)):
+        assert [list(r) for r in got["top_ids"]] == [list(r) for r in want["top_ids"]]
+        np.testing.assert_allclose(got["target_probs"], want["target_probs"], atol=1e-6)
+    rules = [{"layer": 1, "scale": 0.5}, {"layer": 2, "add": [0.1] * session.hidden_size,
+                                          "positions": "last", "steps": [0, 2]}]
+    batch = session.score(BATCH, steering=rules, start=1)
+    for prompt, got in zip(BATCH, batch):
+        want = session.score(prompt, steering=rules, start=1)
+        assert got.tokens == want.tokens
+        np.testing.assert_allclose(got.token_logprobs, want.token_logprobs, atol=1e-5)
+        np.testing.assert_allclose(got.kl, want.kl, atol=1e-6)
+        assert got.kl.max() > 0
+
+
+def test_batched_steering_vector_equals_one_prompt_means(client):
+    s = client.session(model="tiny-gpt2")
+    pos, neg = BATCH[:2], BATCH[2:]
+    for reduce in ("last", "mean"):
+        v = s.steering_vector(pos, neg, layer=3, reduce=reduce)
+        acts = lambda ps: np.mean([s.cache(p, layers=3, reduce=reduce)["resid", 3] for p in ps], 0)  # noqa: E731
+        np.testing.assert_allclose(v, acts(pos) - acts(neg), atol=1e-5)
+    s.close()
+
+
+@pytest.mark.parametrize("site, head", [("resid", None), ("attn", None), ("mlp", None), ("heads", 1)])
+def test_patching_sweep_as_batch_rows_equals_one_pass_per_cell(client, site, head):
+    """The sweep's cells run as batch rows (several layers per forward); each equals a
+    one-prompt pass of the corrupted prompt with a one-position "set" rule of the clean
+    activation (the server's score path), to 1e-5."""
+    s = client.session(model="tiny-gpt2")
+    clean, bad = "The cat sat on the mat", "The dog sat on the mat"
+    answer = [5, 7]
+    grid = s.patch(clean, bad, answer, site=site, head=head, batch=10, progress=True)
+    assert grid.metric.shape == (s.layers, len(s.tokenize(bad)))
+    acts = s.cache(clean, sites=[site])
+    ids = s.tokenize(bad)
+    for i, layer in [(1, 1), (4, 4)]:             # two layers' cells, one pass each
+        for j, p in enumerate(grid.positions):
+            vec = acts[site, layer][p]
+            rule = {"layer": layer, "site": site, "positions": [p],
+                    "set": (vec[head] if head is not None else vec).ravel().tolist()}
+            if head is not None:
+                rule["head"] = head
+            sc = s.score(ids + [answer[0]], start=len(ids), steering=[rule], compare=False,
+                         return_logits=True)
+            want = sc.logits[-1][answer[0]] - sc.logits[-1][answer[1]]
+            assert grid.metric[i, j] == pytest.approx(want, abs=1e-5)
+    one = s.patch(clean, bad, answer, site=site, head=head, progress=False, batch=1)
+    np.testing.assert_allclose(one.metric, grid.metric, atol=1e-5)
+    s.close()
+
+
+def test_transformer_lens_hook_names_are_sites(client):
+    s = client.session(model="tiny-gpt2")
+    c = s.cache("Hello world, again", sites=["blocks.2.hook_resid_post", "blocks.1.hook_attn_out",
+                                             "blocks.1.hook_mlp_out", "blocks.1.attn.hook_z",
+                                             "blocks.1.hook_resid_pre", "hook_embed"])
+    ref = s.cache("Hello world, again", sites=["resid", "attn", "mlp", "heads"], layers=[0, 1, 2])
+    np.testing.assert_array_equal(c["blocks.2.hook_resid_post"], ref["resid", 2])
+    np.testing.assert_array_equal(c["blocks.1.hook_attn_out"], ref["attn", 1])
+    np.testing.assert_array_equal(c["blocks.1.hook_mlp_out"], ref["mlp", 1])
+    np.testing.assert_array_equal(c["blocks.1.attn.hook_z"], ref["heads", 1])
+    np.testing.assert_array_equal(c["blocks.1.hook_resid_pre"], ref["resid", 0])
+    assert c["hook_embed"].shape == ref["resid", 0].shape
+    s.breakpoint(site="blocks.2.hook_resid_post", phase="prefill")
+    ev = s.generate("Hello world, again", 1)
+    assert ev.paused and ev.layer == 2
+    np.testing.assert_array_equal(s.activation(), ref["resid", 2])
+    s.stop()
+    assert s.to_str_tokens("Hello world") == ["Hello", " world"]
+    with pytest.raises(dj.InvalidArgumentError):
+        s.cache("x", sites=["blocks.1.hook_resid_mid"])
+    s.close()

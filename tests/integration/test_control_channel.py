@@ -31,7 +31,17 @@ def rpyc_client(server, monkeypatch):
 
 
 def sessions_on(client) -> int:
-    return client.call("hello")["sessions"]
+    """Sessions on the in-process test server, all clients (hello() tells a client only its
+    own: issue 17)."""
+    return _SERVER[0].kernel.sessions.count()
+
+
+_SERVER: list = []
+
+
+@pytest.fixture(autouse=True)
+def _the_server(server):
+    _SERVER[:] = [server]
 
 
 def wait_for(predicate, timeout=20.0) -> bool:

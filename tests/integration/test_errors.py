@@ -119,7 +119,7 @@ def test_bad_generate_arguments(s):
 def test_closed_and_unknown_sessions(client, s):
     tokens = reference(s)
     s.close()
-    with pytest.raises(dj.UnknownSessionError):
+    with pytest.raises(dj.SessionClosedError):          # told why, not "unknown"
         s.generate(PROMPT)
     with pytest.raises(dj.UnknownSessionError):
         client.call("generate", session="nope", prompt=PROMPT)

@@ -2,6 +2,7 @@
 in progress never blocks sessions (or new sessions) on models already loaded."""
 from __future__ import annotations
 
+import shutil
 import threading
 
 import pytest
@@ -63,18 +64,20 @@ def test_a_slow_load_blocks_nobody_and_the_cap_holds(tiny_llama_path, tmp_path, 
             assert not worker.is_alive(), "work on a loaded model waited for another model's load"
             assert not release.is_set() and all(t.is_alive() for t in loaders)  # still loading
             assert done == {"tokens": reference, "loaded": "ready", "models": ["tiny-gpt2"]}
+            third = shutil.copytree(tiny_llama_path, tmp_path / "third-model")   # a real model
             with pytest.raises(dj.LimitExceededError, match="--max-models 2") as e:
-                a.session(model="/some/third/model")     # 1 loaded + 1 loading = the cap
+                a.session(model=str(third))              # 1 loaded + 1 loading = the cap
             assert "(loading)" in str(e.value)
             release.set()
             for t in loaders:
                 t.join(300)
             assert loads == [tiny_llama_path]            # two asked, one load
             assert opened["b"].layers == opened["c"].layers == 4
-            assert sorted(a.call("hello")["loaded_models"]) == sorted(["tiny-gpt2",
-                                                                        tiny_llama_path])
+            # (hello() tells a client only the models of its own sessions: ask the kernel)
+            assert sorted(kernel.models.loaded()) == sorted(["tiny-gpt2", tiny_llama_path])
+            assert sorted(b.call("hello")["loaded_models"]) == sorted(["tiny-gpt2", tiny_llama_path])
             with pytest.raises(dj.LimitExceededError, match="--max-models"):
-                a.session(model="/another/model")
+                a.session(model=str(third))
             assert s.generate(PROMPT, max_new_tokens=6, stop_at_eos=False).tokens == reference
     finally:
         release.set()

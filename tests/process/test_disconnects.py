@@ -2,7 +2,6 @@
 gets a clear error in bounded time and can reconnect to a restarted server."""
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -26,7 +25,7 @@ def free_port() -> int:
 
 def start_server(port: int = 0):
     proc = subprocess.Popen([sys.executable, "-m", "kernel_server", "--model", "tiny-gpt2",
-                             "--port", str(port)], stdout=subprocess.PIPE,
+                             "--port", str(port), "--operator-stats"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()
     assert line.startswith("DJINN_SERVER_READY"), line
@@ -66,7 +65,8 @@ def test_killed_client_releases_its_paused_sessions():
             victim = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
                                       text=True)
             assert victim.stdout.readline().strip() == "PAUSED"
-            sessions = lambda: watcher.call("hello")["sessions"]
+            # (--operator-stats: hello() also tells the server-wide figures)
+            sessions = lambda: watcher.call("hello")["server"]["sessions"]
             assert sessions() == 4
             # another client keeps generating while the victim's sessions sit paused
             assert watcher.session().generate(PROMPT, max_new_tokens=8,
@@ -239,8 +239,9 @@ def test_grace_period_over_releases_everything():
     from kernel_server.kernel import Kernel
     from kernel_server.transport.server import KernelServer
     from kernel_server.model.validation import Limits
-    srv = KernelServer(Kernel("tiny-gpt2", device="cpu", limits=Limits(reconnect_grace_s=0.5)),
-                       "127.0.0.1", 0).start()
+    kernel = Kernel("tiny-gpt2", device="cpu", limits=Limits(reconnect_grace_s=0.5))
+    kernel.operator_stats = True                # hello() tells the server-wide figures
+    srv = KernelServer(kernel, "127.0.0.1", 0).start()
     try:
         with dj.connect(srv.address) as watcher, dj.connect(srv.address) as a:
             s = a.session()
@@ -248,7 +249,7 @@ def test_grace_period_over_releases_everything():
             assert s.generate(PROMPT, max_new_tokens=4).paused
             s.checkpoint().wait()
             cut(a)
-            info = lambda: watcher.call("hello")
+            info = lambda: watcher.call("hello")["server"]
             assert wait_for(lambda: info()["sessions"] == 0 and info()["checkpoint_bytes"] == 0)
             assert a.reconnect() == {"sessions": [], "checkpoints": []}
             with pytest.raises(dj.UnknownSessionError):
@@ -272,7 +273,7 @@ def test_attach_from_another_process_needs_the_same_token_and_owner_key(tmp_path
     token_file.write_text(token)
     proc = subprocess.Popen([sys.executable, "-m", "kernel_server", "--model", "tiny-gpt2",
                              "--port", "0", "--token-file", str(token_file),
-                             "--reconnect-grace-s", "600"],
+                             "--reconnect-grace-s", "600", "--operator-stats"],
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         address = proc.stdout.readline().split()[1]
@@ -296,7 +297,8 @@ def test_attach_from_another_process_needs_the_same_token_and_owner_key(tmp_path
             plain_sid, plain_ck, alice_sid, alice_ck = victim.stdout.readline().split()
             victim.send_signal(signal.SIGKILL)
             victim.wait(timeout=30)
-            sessions = lambda: watcher.call("hello")["sessions"]
+            # (--operator-stats: hello() also tells the server-wide figures)
+            sessions = lambda: watcher.call("hello")["server"]["sessions"]
             assert sessions() == 3                        # kept: the grace period runs
             with dj.connect(address, token=token, owner_key="bob-owner-key-0123456789") as bob:
                 for sid in (plain_sid, alice_sid):

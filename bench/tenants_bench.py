@@ -1,0 +1,210 @@
+"""Many clients on one model: 1, 2, 4, 8 client processes on one kernel server, each its
+own session with a standing rule, all started at once, against Hugging Face batched
+``generate`` of the same prompts in the same run.
+
+- engine on (``DJINN_TENANTS=on``, kernel_server/runtime/scheduler.py): every client's
+  decode steps are rows of one batched step; each client's tokens and logits are compared
+  bit for bit with that prompt's solo run (one client alone, the same engine);
+- engine off (each run decodes on its own under the model's lock): 1 and 8 clients, the
+  figures before the engine, and what a solo session pays for the engine (1 client on vs
+  off);
+- HF: ``model.generate`` of the same prompts, left-padded, greedy, in this process.
+
+Aggregate tokens/s = clients x tokens / (last client's end - first client's start).
+
+    python bench/tenants_bench.py --device cuda --model random:llama-7b --dtype bfloat16
+    python bench/tenants_bench.py --smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import command_line, environment, finish, pyplot, RESULTS, save_plot  # noqa: E402
+
+PROMPTS = ["The capital of France is", "Once upon a time there was a", "1, 2, 3, 4, 5,",
+           "def fibonacci(n):", "The quick brown fox jumps over", "In the beginning",
+           "Dear Sir or Madam, I am writing", "Water boils at a temperature of"]
+
+
+# ---- a client process ---------------------------------------------------------------------
+def client_main(args) -> int:
+    import djinn_nb as dj
+    c = dj.connect(args.client)
+    s = c.session()
+    s.steer(layer=args.layer, scale=0.9)
+    s.generate(args.prompt, max_new_tokens=2, stop_at_eos=False)          # warm-up
+    print("ready", flush=True)
+    sys.stdin.readline()                                                   # "go"
+    t0 = time.time()
+    res = s.generate(args.prompt, max_new_tokens=args.tokens, stop_at_eos=False,
+                     return_logits=True).result
+    t1 = time.time()
+    np.save(args.save + ".npy", res.logits)
+    Path(args.save + ".json").write_text(json.dumps({"tokens": res.tokens, "t0": t0, "t1": t1}))
+    c.close()
+    return 0
+
+
+def run_clients(address: str, prompts: list, args, tmp: Path) -> list:
+    """One process per prompt, started together; [(tokens, logits, t0, t1)]."""
+    procs = []
+    for i, prompt in enumerate(prompts):
+        save = str(tmp / f"c{len(os.listdir(tmp))}_{i}")
+        cmd = [sys.executable, __file__, "--client", address, "--prompt", prompt,
+               "--tokens", str(args.tokens), "--layer", str(args.layer), "--save", save]
+        procs.append((subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True), save))
+    for p, _ in procs:
+        line = p.stdout.readline()
+        assert line.strip() == "ready", f"client failed to start: {line!r}"
+    for p, _ in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    out = []
+    for p, save in procs:
+        assert p.wait(timeout=900) == 0
+        meta = json.loads(Path(save + ".json").read_text())
+        out.append((meta["tokens"], np.load(save + ".npy"), meta["t0"], meta["t1"]))
+    return out
+
+
+def aggregate(runs: list, tokens: int) -> dict:
+    wall = max(r[3] for r in runs) - min(r[2] for r in runs)
+    per = [r[3] - r[2] for r in runs]
+    return {"clients": len(runs), "tokens_per_s": len(runs) * tokens / wall, "wall_s": wall,
+            "client_latency_s": {"median": float(np.median(per)), "max": max(per)}}
+
+
+def server_runs(args, mode: str, counts: list, tmp: Path, solo_of=None) -> dict:
+    from common import start_server
+    os.environ["DJINN_TENANTS"] = mode
+    server = start_server(args.model, args.device, args.dtype)
+    try:
+        out = {"mode": mode, "runs": []}
+        solo = solo_of
+        if solo is None:                 # each prompt alone: the reference bits
+            solo = [run_clients(server.address, [p], args, tmp)[0] for p in PROMPTS[:max(counts)]]
+            out["solo_tokens_per_s"] = [args.tokens / (r[3] - r[2]) for r in solo]
+        for n in counts:
+            runs = run_clients(server.address, PROMPTS[:n], args, tmp)
+            row = aggregate(runs, args.tokens)
+            row["tokens_equal_solo"] = [r[0] == s[0] for r, s in zip(runs, solo)]
+            row["logits_bit_equal_solo"] = [bool(np.array_equal(r[1], s[1])) for r, s in zip(runs, solo)]
+            row["logits_max_abs_diff"] = max(float(np.abs(r[1] - s[1]).max()) for r, s in zip(runs, solo))
+            out["runs"].append(row)
+            print(mode, row, flush=True)
+        return out, solo
+    finally:
+        server.close()
+
+
+def hf_batched(args, n: int) -> dict:
+    import torch
+    from common import load_local, sync
+    loaded = load_local(args.model, args.device, args.dtype)
+    tok, model = loaded.tokenizer, loaded.model
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:n]]
+    width = max(map(len, ids))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    inp = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=loaded.device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=loaded.device)
+    kw = dict(attention_mask=mask, do_sample=False, pad_token_id=pad, eos_token_id=None)
+    with torch.inference_mode():
+        model.generate(inp, max_new_tokens=4, min_new_tokens=4, **kw)          # warm-up
+        times = []
+        for _ in range(args.reps):
+            sync(args.device)
+            t0 = time.perf_counter()
+            model.generate(inp, max_new_tokens=args.tokens, min_new_tokens=args.tokens, **kw)
+            sync(args.device)
+            times.append(time.perf_counter() - t0)
+    del loaded, model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    t = float(np.median(times))
+    return {"clients": n, "tokens_per_s": n * args.tokens / t, "wall_s": t}
+
+
+def plot(result: dict, name: str, out_dir: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    on = result["engine_on"]["runs"]
+    ax.plot([r["clients"] for r in on], [r["tokens_per_s"] for r in on], "o-",
+            label="djinn_nb, engine on")
+    off = result.get("engine_off", {}).get("runs", [])
+    if off:
+        ax.plot([r["clients"] for r in off], [r["tokens_per_s"] for r in off], "s--",
+                label="djinn_nb, engine off")
+    hf = result["hf_batched"]
+    ax.plot([hf["clients"]], [hf["tokens_per_s"]], "k*", markersize=12, label="HF batched generate")
+    ax.set_xlabel("concurrent client processes")
+    ax.set_ylabel("aggregate tokens/s")
+    ax.set_title(f"{result['model']} ({result['dtype']}, {result['device']})")
+    ax.legend()
+    return save_plot(fig, name, out_dir)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="random:llama-7b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, the model's own on CPU")
+    p.add_argument("--tokens", type=int, default=64, help="new tokens per client")
+    p.add_argument("--layer", type=int, default=16, help="the standing scale=0.9 rule's layer")
+    p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--reps", type=int, default=3, help="HF generate repetitions (median)")
+    p.add_argument("--no-off", action="store_true", help="skip the engine-off server")
+    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny-gpt2 on CPU, 1 and 2 clients")
+    # client mode (internal)
+    p.add_argument("--client", default=None)
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--save", default=None)
+    args = p.parse_args(argv)
+    if args.dtype is None and args.device.startswith("cuda"):
+        args.dtype = "bfloat16"
+    if args.smoke and args.client is None:
+        args.model, args.device, args.dtype = "tiny-gpt2", "cpu", None
+        args.tokens, args.layer, args.clients, args.reps = 8, 2, [1, 2], 1
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.client:
+        return client_main(args)
+    tmp = Path(tempfile.mkdtemp(prefix="djinn-tenants-"))
+    on, solo = server_runs(args, "on", args.clients, tmp)
+    result = {"benchmark": "tenants", "command": command_line(), "model": args.model, "device": args.device,
+              "dtype": args.dtype or "float32", "tokens_per_client": args.tokens,
+              "rule": f"scale=0.9 at layer {args.layer}", "env": environment(args.device),
+              "engine_on": on}
+    if not args.no_off:
+        off, _ = server_runs(args, "off", sorted({1, max(args.clients)}), tmp, solo_of=solo)
+        result["engine_off"] = off
+        one_on = next(r for r in on["runs"] if r["clients"] == 1)["tokens_per_s"]
+        one_off = next(r for r in off["runs"] if r["clients"] == 1)["tokens_per_s"]
+        result["solo_on_over_off"] = one_on / one_off
+    result["hf_batched"] = hf_batched(args, max(args.clients))
+    top = next(r for r in on["runs"] if r["clients"] == max(args.clients))
+    result["max_clients_over_hf"] = top["tokens_per_s"] / result["hf_batched"]["tokens_per_s"]
+    result["all_bit_equal_solo"] = all(all(r["logits_bit_equal_solo"]) and all(r["tokens_equal_solo"])
+                                       for r in on["runs"])
+    return finish(args, result, "tenants", plot)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
