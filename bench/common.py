@@ -13,7 +13,7 @@ RESULTS = Path(__file__).parent / "results"
 
 # random-init shapes: GPU timing does not depend on weight values (the server's random:<shape>
 # models, plus SmolLM2's shape for the CPU checkpoint numbers)
-from kernel_server.model.sharding import RANDOM_SHAPES  # noqa: E402
+from kernel_server.model.loading import RANDOM_SHAPES  # noqa: E402
 
 SHAPES = {**RANDOM_SHAPES,
           "smollm2-shape": dict(num_hidden_layers=30, hidden_size=576, intermediate_size=1536,

@@ -29,6 +29,7 @@ from common import RESULTS, environment, write_result  # noqa: E402
 from kernel_server.checkpoints import file_format, snapshot  # noqa: E402
 from kernel_server.checkpoints.store import CheckpointStore  # noqa: E402
 from kernel_server.model import sharding  # noqa: E402
+from kernel_server.model.loading import RANDOM_SHAPES  # noqa: E402
 from kernel_server.model.registry import load_model  # noqa: E402
 from kernel_server.runtime.session_state import Session  # noqa: E402
 from kernel_server.model.validation import Limits  # noqa: E402
@@ -412,7 +413,7 @@ def run(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", default="llama-13b", help=f"one of {', '.join(sharding.RANDOM_SHAPES)}")
+    p.add_argument("--shape", default="llama-13b", help=f"one of {', '.join(RANDOM_SHAPES)}")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device-map", default="auto")
     p.add_argument("--max-memory", default=None, help="e.g. 0=70GiB,1=70GiB")

@@ -28,6 +28,29 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 
+RANDOM_PREFIX = "random:"
+#: ``random:<shape>``: seeded random-init Llama shapes (timing and memory do not depend on
+#: the weights). Built on the meta device and materialised directly on each shard's device.
+RANDOM_SHAPES = {
+    "tiny-llama": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
+                       num_attention_heads=4, num_key_value_heads=2),
+    "small-llama": dict(num_hidden_layers=8, hidden_size=256, intermediate_size=512,
+                        num_attention_heads=4, num_key_value_heads=2),
+    "llama-1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
+                     num_attention_heads=32, num_key_value_heads=8),
+    "llama-7b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
+                     num_attention_heads=32, num_key_value_heads=32),
+    "llama-13b": dict(num_hidden_layers=40, hidden_size=5120, intermediate_size=13824,
+                      num_attention_heads=40, num_key_value_heads=40),
+    "llama-70b": dict(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
+                      num_attention_heads=64, num_key_value_heads=8),
+}
+
+
+def is_random(name) -> bool:
+    return isinstance(name, str) and name.startswith(RANDOM_PREFIX)
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -158,10 +181,9 @@ def model_config(name: str):
     from transformers import AutoConfig
     if name in ("tiny-gpt2", "gpt2-124m-random", "smollm2-135m"):
         return None
-    if name.startswith("random:"):
-        from kernel_server.model.sharding import RANDOM_SHAPES
+    if is_random(name):
         from transformers import LlamaConfig
-        shape = name[len("random:"):]
+        shape = name[len(RANDOM_PREFIX):]
         if shape not in RANDOM_SHAPES:
             return None                  # the loader names the shapes it knows
         return LlamaConfig(vocab_size=49152, max_position_embeddings=8192,

@@ -14,8 +14,8 @@ import torch
 from djinn_protocol.errors import (UnknownModelError, InvalidArgumentError, LimitExceededError)
 from kernel_server.model import exact_attention
 from kernel_server.model.layers import find_layers
-from kernel_server.model.loading import (DEFAULT_MODEL, load_tokenizer_and_model, resolve_device,
-                                          resolve_dtype)
+from kernel_server.model.loading import (DEFAULT_MODEL, is_random, load_tokenizer_and_model,
+                                          resolve_device, resolve_dtype)
 from kernel_server.runtime.hooks import HookRegistry
 
 
@@ -126,7 +126,7 @@ def load_model(name: str, device: str | None = None, dtype: str | None = None,
     dt = resolve_dtype(dtype, dev)
     with tqdm(total=3, desc=f"loading {name}", disable=not progress, leave=False) as bar:
         bar.set_postfix_str("tokenizer + weights")
-        if mapped or sharding.is_random(name):
+        if mapped or is_random(name):
             tok, model = sharding.load(name, dt, dev, device_map if mapped else None, max_memory)
         else:
             tok, model = load_tokenizer_and_model(name, dt)

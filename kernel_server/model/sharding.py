@@ -21,30 +21,10 @@ import torch
 
 from djinn_protocol.errors import DjinnError, InvalidArgumentError, UnknownModelError
 from kernel_server.model.layers import layers_path
-from kernel_server.model.loading import load_tokenizer_and_model, tiny_tokenizer
+from kernel_server.model.loading import (RANDOM_PREFIX, RANDOM_SHAPES, is_random,
+                                          load_tokenizer_and_model, tiny_tokenizer)
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-RANDOM_PREFIX = "random:"
-#: ``random:<shape>``: seeded random-init Llama shapes (timing and memory do not depend on
-#: the weights). Built on the meta device and materialised directly on each shard's device.
-RANDOM_SHAPES = {
-    "tiny-llama": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128,
-                       num_attention_heads=4, num_key_value_heads=2),
-    "small-llama": dict(num_hidden_layers=8, hidden_size=256, intermediate_size=512,
-                        num_attention_heads=4, num_key_value_heads=2),
-    "llama-1b": dict(num_hidden_layers=16, hidden_size=2048, intermediate_size=8192,
-                     num_attention_heads=32, num_key_value_heads=8),
-    "llama-7b": dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=11008,
-                     num_attention_heads=32, num_key_value_heads=32),
-    "llama-13b": dict(num_hidden_layers=40, hidden_size=5120, intermediate_size=13824,
-                      num_attention_heads=40, num_key_value_heads=40),
-    "llama-70b": dict(num_hidden_layers=80, hidden_size=8192, intermediate_size=28672,
-                      num_attention_heads=64, num_key_value_heads=8),
-}
-
-
-def is_random(name) -> bool:
-    return isinstance(name, str) and name.startswith(RANDOM_PREFIX)
 
 
 # ---- options ------------------------------------------------------------------------------
