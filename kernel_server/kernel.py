@@ -10,7 +10,7 @@ from kernel_server.model.expressions import PLUGINS
 from kernel_server.model.loading import DEFAULT_MODEL, REGISTRY, admit
 from kernel_server.model.registry import ModelRegistry
 from kernel_server.runtime.ownership import Owners
-from kernel_server.runtime.session_state import SessionManager
+from kernel_server.runtime.session_manager import SessionManager
 from kernel_server.model.validation import Limits
 
 
