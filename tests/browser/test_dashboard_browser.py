@@ -36,9 +36,14 @@ MODEL, LAYERS = ("smollm2-135m", 30) if UPDATE_SCREENSHOTS else ("tiny-gpt2", 8)
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run"]
+# the divergence figure by its first trace ("KL"), not by DOM order: a plot gets the class
+# .js-plotly-plot only once drawn, so "the first plot" changes as the others are drawn
 DIVERGENCE_Y = """() => {
-  const el = document.querySelector('.djinn-dashboard .js-plotly-plot');
-  return el && el._fullData && el._fullData.length ? Array.from(el._fullData[0].y || []) : null;
+  for (const el of document.querySelectorAll('.djinn-dashboard .js-plotly-plot')) {
+    if (el._fullData && el._fullData.length && el._fullData[0].name === 'KL')
+      return Array.from(el._fullData[0].y || []);
+  }
+  return null;
 }"""
 
 TOKEN_BOX = """() => {
