@@ -31,6 +31,9 @@ import pytest  # noqa: E402
 
 import djinn_nb as dj  # noqa: E402
 
+#: the whole matrix takes ~3 minutes on 2 cores: in `make test`, not in `make test-fast`
+pytestmark = pytest.mark.slow
+
 TABLE = Path(__file__).resolve().parents[2] / "docs" / "architectures.md"
 PROMPT = "The capital of France is"
 N, K = 5, 2          # tokens generated; the step a breakpoint, an edit and a checkpoint use
