@@ -11,19 +11,15 @@ DJINN_UPDATE_SCREENSHOT=1 it runs on its default, SmolLM2-135M, so that the comm
 screenshots show real text."""
 from __future__ import annotations
 
-import json
 import re
 import os
-import secrets
 import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+from jupyterlab_for_tests import CHROMIUM, CHROMIUM_FLAGS, jupyterlab
 
 pytestmark = pytest.mark.lab
 
@@ -33,9 +29,6 @@ ATTENTION_NOTEBOOK = ROOT / "notebooks" / "05_sites_and_patching.ipynb"
 UPDATE_SCREENSHOTS = os.environ.get("DJINN_UPDATE_SCREENSHOT") == "1"
 #: notebook 03's model (it reads DJINN_NOTEBOOK_MODEL) and its number of blocks
 MODEL, LAYERS = ("smollm2-135m", 30) if UPDATE_SCREENSHOTS else ("tiny-gpt2", 8)
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 # the divergence figure by its first trace ("KL"), not by DOM order: a plot gets the class
 # .js-plotly-plot only once drawn, so "the first plot" changes as the others are drawn
 DIVERGENCE_Y = """() => {
@@ -63,53 +56,12 @@ TOGGLES_IN_SIGHT = """() => {
 }"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def lab(tmp_path):
-    """A fresh JupyterLab on a free port, serving a copy of the notebook (Lab autosaves)."""
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
-    root, settings = tmp_path / "root", tmp_path / "settings"
-    root.mkdir()
-    for notebook in (NOTEBOOK, ATTENTION_NOTEBOOK):
-        shutil.copy(notebook, root / notebook.name)
-    notify = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    notify.parent.mkdir(parents=True)
-    notify.write_text(json.dumps({"fetchNews": "false"}))
-    port, token = free_port(), secrets.token_hex(16)
-    log = open(tmp_path / "jupyterlab.log", "wb")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-               DJINN_NOTEBOOK_MODEL=MODEL)
-    env.pop("DJINN_SERVER", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-         f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
-         f"--LabApp.user_settings_dir={settings}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                pytest.fail("JupyterLab did not start:\n" + (tmp_path / "jupyterlab.log").read_text())
-            time.sleep(0.25)
-    yield url, token
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    """A fresh JupyterLab on a free port, serving copies of the notebooks (Lab autosaves)."""
+    notebooks = {nb.name: nb.read_text() for nb in (NOTEBOOK, ATTENTION_NOTEBOOK)}
+    with jupyterlab(tmp_path, notebooks, {"DJINN_NOTEBOOK_MODEL": MODEL}) as url_token:
+        yield url_token
 
 
 def test_slider_changes_divergence_plot_in_jupyterlab(lab, tmp_path):

@@ -7,20 +7,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
+from jupyterlab_for_tests import CHROMIUM, CHROMIUM_FLAGS, jupyterlab
+
 pytestmark = pytest.mark.lab
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 LONG = 1500       # tokens asked for (tiny-gpt2 takes 2048 positions)
 CELLS = [
     "import djinn_nb as dj\nc = dj.connect()\ns = c.session(model='tiny-gpt2')\nprint('connected')",
@@ -30,12 +26,6 @@ CELLS = [
     "print(f'answer ping={ok} interrupted={last.interrupted} tokens={len(last.tokens)} '\n"
     "      f'in {time.perf_counter() - t0:.3f} s')",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def notebook(cells: list) -> dict:
@@ -49,51 +39,22 @@ def notebook(cells: list) -> dict:
 @pytest.fixture
 def lab(tmp_path):
     """A kernel server subprocess and a fresh JupyterLab whose kernels reach it."""
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run does)")
     server = subprocess.Popen([sys.executable, "-m", "kernel_server", "--model", "tiny-gpt2",
                                "--port", "0"], stdout=subprocess.PIPE,
                               stderr=open(tmp_path / "server.log", "wb"), text=True,
                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    line = server.stdout.readline()
-    assert line.startswith("DJINN_SERVER_READY"), (tmp_path / "server.log").read_text()
-    root, settings = tmp_path / "root", tmp_path / "settings"
-    root.mkdir()
-    (root / "interrupt.ipynb").write_text(json.dumps(notebook(CELLS)))
-    notify = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    notify.parent.mkdir(parents=True)
-    notify.write_text(json.dumps({"fetchNews": "false"}))
-    port, token = free_port(), secrets.token_hex(16)
-    log = open(tmp_path / "jupyterlab.log", "wb")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", JUPYTER_RUNTIME_DIR=str(tmp_path / "runtime"),
-               DJINN_SERVER=line.split()[1])
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", "--ip=127.0.0.1",
-         f"--port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-         f"--LabApp.workspaces_dir={tmp_path / 'workspaces'}",
-         f"--LabApp.user_settings_dir={settings}"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
     try:
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2).read()
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail("JupyterLab did not start:\n"
-                                + (tmp_path / "jupyterlab.log").read_text())
-                time.sleep(0.25)
-        yield url, token
+        line = server.stdout.readline()
+        assert line.startswith("DJINN_SERVER_READY"), (tmp_path / "server.log").read_text()
+        with jupyterlab(tmp_path, {"interrupt.ipynb": json.dumps(notebook(CELLS))},
+                        {"DJINN_SERVER": line.split()[1]}) as url_token:
+            yield url_token
     finally:
-        for p in (proc, server):
-            p.terminate()
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-        log.close()
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 def test_toolbar_interrupt_ends_a_long_generation_and_the_next_cell_answers(lab, tmp_path):
