@@ -9,6 +9,17 @@ both through the kernel server's generation executor (layer hooks installed), in
 
     python bench/fast_decode_bench.py --device cuda                 # GPT-2 124M, Llama 1B, 7B
     python bench/fast_decode_bench.py --smoke                       # tiny, CPU, static mode
+
+With ``--peers`` (issue #16): one model at several contexts, in one run, ms per decode token -
+the server's graph step (no rule, one standing rule, a standing expression inside the graph),
+a step with a breakpoint (segmented graph replay, the client's time taken out), the eager
+server, Hugging Face ``generate`` (fused SDPA) and nnsight 0.8 (``generate`` with a
+``tracer.iter`` edit), each with and without a standing rule; the bit-for-bit relations
+between them; the first checkpoint's dispatch at 4096 positions with the pinned pool sized
+at load; a profile of the segmented step.
+
+    python bench/fast_decode_bench.py --peers --device cuda          # random llama-7b bfloat16, 512/4k/8k
+    python bench/fast_decode_bench.py --peers --smoke                # tiny, CPU, static mode
 """
 from __future__ import annotations
 
@@ -275,6 +286,282 @@ def bench_model(name: str, dtype: str, args) -> dict:
     return out
 
 
+# ---- peers at several contexts (--peers) -----------------------------------------------------
+def _direction_ablation(width: int) -> dict:
+    v = np.random.default_rng(0).standard_normal(width).astype(np.float32)
+    v /= np.linalg.norm(v)
+    H, c = {"op": "h"}, {"op": "const", "value": v}
+    return {"op": "sub", "args": [H, {"op": "mul", "args": [{"op": "dot", "args": [H, c]}, c]}]}
+
+
+def _decode_ms(res: dict) -> float:
+    return statistics.median(r["forward_ms"] for r in res["steps"][1:])
+
+
+def _bits(a: dict, b: dict) -> dict:
+    la, lb = np.asarray(a["logits"]), np.asarray(b["logits"])
+    eq = [bool(np.array_equal(x, y)) for x, y in zip(la, lb)]
+    return {"bit_identical": all(eq), "first_differing_step": None if all(eq) else eq.index(False),
+            "same_tokens": list(a["tokens"]) == list(b["tokens"]),
+            "max_abs_logit_diff": float(np.abs(la - lb).max())}
+
+
+def _hf_generate(loaded, ids, n: int, hook=None, reps: int = 2) -> tuple[float, dict]:
+    """Hugging Face ``generate`` (greedy, n tokens whatever comes): ms per decode token as
+    (time of n tokens - time of 1 token) / (n - 1), best of ``reps``; its tokens and logits."""
+    x = torch.tensor([ids], device=loaded.device)
+    handle = loaded.layers[hook[0]].register_forward_hook(hook[1]) if hook else None
+    try:
+        def once(k):
+            _sync(loaded.device)
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = loaded.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=k,
+                                            min_new_tokens=k, do_sample=False, output_logits=True,
+                                            return_dict_in_generate=True, pad_token_id=0)
+            _sync(loaded.device)
+            return (time.perf_counter() - t0) * 1e3, out
+        once(2)
+        per = min((once(n)[0] - once(1)[0]) / (n - 1) for _ in range(reps))
+        _, out = once(n)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return per, {"tokens": out.sequences[0, x.shape[1]:].tolist(),
+                 "logits": [t[0].float().cpu().numpy() for t in out.logits]}
+
+
+def _scale_hook(scale: float):
+    def hook(module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] * scale,) + tuple(output[1:])
+        return output * scale
+    return hook
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _nnsight_ms(loaded, ids, n: int, layer: int | None, scale: float, reps: int = 2) -> dict:
+    """nnsight 0.8 around the model (wraps every module's forward for good: run last):
+    ``generate`` with, when ``layer`` is given, the block's output scaled on every step."""
+    import nnsight
+    from nnsight.modeling.transformers import TransformersModel
+    from kernel_server.model.layers import layers_path
+    model = getattr(loaded, "_bench_nnsight", None)
+    if model is None:
+        model = TransformersModel(loaded.model, tokenizer=loaded.tokenizer, task="text-generation")
+        loaded._bench_nnsight = model
+    blocks = model
+    for part in layers_path(loaded.model).split("."):
+        blocks = getattr(blocks, part)
+    x = torch.tensor([ids], device=loaded.device)
+
+    def once(k):
+        _sync(loaded.device)
+        t0 = time.perf_counter()
+        with model.generate(x, max_new_tokens=k, min_new_tokens=k, do_sample=False, eos_token_id=None,
+                            pad_token_id=0) as tracer:
+            if layer is not None:
+                block = blocks[layer]
+                for _ in tracer.iter[:k]:          # prefill + k-1 decode steps
+                    block.output = block.output * scale
+            result = tracer.result.save()
+        _sync(loaded.device)
+        return (time.perf_counter() - t0) * 1e3, result
+    once(2)
+    per = min((once(n)[0] - once(1)[0]) / (n - 1) for _ in range(reps))
+    _, result = once(n)
+    return {"ms_per_token": per, "tokens": result[0, len(ids):].tolist(), "version": nnsight.__version__}
+
+
+def _first_checkpoint(loaded, ids) -> dict:
+    """The first checkpoint's dispatch at len(ids) positions: a store whose pinned pool has
+    the configured 512 MiB (grows on demand) against one sized at load for the model's
+    whole context (``CheckpointStore.prepare(loaded)``, what the server does)."""
+    from kernel_server.checkpoints.store import CheckpointStore
+    out = {"context": len(ids)}
+    s = Session(loaded, Limits(max_prompt_tokens=16384), owner="bench")
+    fast_decode.set_mode("off")
+    s.generate(list(ids), max_new_tokens=1, stop_at_eos=False)
+    for name, sized in (("pool_512mib", False), ("pool_sized_at_load", True)):
+        store = CheckpointStore(4096 << 20, 512 << 20)
+        t0 = time.perf_counter()
+        store.prepare(loaded if sized else loaded.device)
+        prepare_s = time.perf_counter() - t0
+        dispatch = []
+        for _ in range(4):
+            _sync(loaded.device)
+            ck = s.checkpoint(store)
+            dispatch.append(ck.dispatch_ms)
+            ck.wait()
+            store.delete(ck.id, "bench")
+        out[name] = {"prepare_s": prepare_s, "pool_mib": store.pinned_pool_bytes / 2**20,
+                     "kv_mib": ck.kv_nbytes / 2**20, "first_dispatch_ms": dispatch[0],
+                     "later_dispatch_ms": statistics.median(dispatch[1:])}
+        store.arena = None
+        del store
+        gc.collect()
+    s.close()
+    return out
+
+
+def _profile_segmented(s: Session, ids, layer: int, n: int = 6) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        _paused_run(s, ids, n, layer)
+    # the run's forward passes are in its worker thread: the CPU side is not traced there,
+    # the GPU's kernels are (graph replays included)
+    return prof.key_averages().table(sort_by="self_device_time_total" if len(acts) > 1 else
+                                     "self_cpu_time_total", row_limit=16, max_name_column_width=40)
+
+
+def replay_only_ms(loaded, reps: int = 30) -> dict | None:
+    """The whole-step graph and the per-layer segments replayed alone on an idle slot (no
+    hand-over, no pause; positions rewritten after): the cost of the segmentation itself."""
+    dec = loaded.fast_decoder
+    slot = next((sl for sl in dec.slots if not sl.busy and sl.segments is not None
+                 and sl.graphs.get(()) is not None), None) if dec is not None else None
+    if slot is None or slot.graphs[()].graph is None:
+        return None
+    out = {}
+    with torch.inference_mode():
+        for name, graphs in (("graph", [slot.graphs[()].graph]), ("segments", slot.segments.graphs)):
+            slot.set_length(8)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                for g in graphs:
+                    g.replay()
+            torch.cuda.synchronize()
+            out[f"{name}_replay_ms"] = (time.perf_counter() - t0) * 1e3 / reps
+        slot.set_length(0)
+    out["segments"] = len(slot.segments.graphs)
+    return out
+
+
+def _paused_run(s: Session, ids, n: int, layer: int) -> tuple[dict, float]:
+    """A breakpoint at ``layer`` on every decode step, resumed at once with no edit."""
+    s.clear_breakpoints()
+    s.set_breakpoint(layer=layer, phase="decode")
+    ev = s.generate(list(ids), max_new_tokens=n, stop_at_eos=False, return_logits=True)
+    pauses = []
+    while ev["event"] == "paused":
+        pauses.append(time.perf_counter())
+        ev = s.resume().result(timeout=600)
+    s.clear_breakpoints()
+    assert ev["event"] == "finished" and len(pauses) == n - 1, (ev.get("event"), len(pauses))
+    # pause to pause: one whole decode step as this in-process client sees it (its resume included)
+    cycle = statistics.median(b - a for a, b in zip(pauses, pauses[1:])) if len(pauses) > 1 else 0.0
+    return ev["result"], cycle
+
+
+def peers_bench(args) -> dict:
+    from common import random_llama
+    shape, dtype = args.peer_model.split(":")
+    cuda = args.device == "cuda"
+    contexts = [int(c) for c in args.contexts.split(",")]
+    n = args.tokens
+    loaded = random_llama(shape, args.device, dtype, max_positions=max(contexts) + n + 64)
+    install_layer_hooks(loaded)
+    fast = "auto" if cuda else "static"
+    bp_layer = min(6, loaded.num_layers - 1)
+    rule_layer = loaded.num_layers // 2
+    ablate = _direction_ablation(loaded.hidden_size)
+    gen = torch.Generator().manual_seed(0)
+    result = {"model": f"random:{shape}", "dtype": dtype, "layers": loaded.num_layers,
+              "new_tokens": n, "breakpoint_layer": bp_layer, "rule_layer": rule_layer,
+              "rule": "scale 0.9", "expression": "h - dot(h, v) * v (direction ablation, v unit)",
+              "fast_mode": fast_decode.effective_mode(loaded.device, fast), "rows": []}
+    prompts = {ctx: torch.randint(0, loaded.vocab_size, (ctx,), generator=gen).tolist() for ctx in contexts}
+    for ctx in contexts:
+        ids = prompts[ctx]
+        row = {"context": ctx, "bucket": fast_decode._bucket(ctx + n)}
+        s = Session(loaded, Limits(max_prompt_tokens=16384), owner="bench")
+        fast_decode.set_mode(fast)
+
+        def run(**steer):
+            s.clear_steering()
+            if steer:
+                s.steer(layer=rule_layer, **steer)
+            generate_once = lambda: s.generate(list(ids), max_new_tokens=n, stop_at_eos=False,  # noqa: E731
+                                               return_logits=True)
+            generate_once()                      # warm-up (captures)
+            ev = generate_once()
+            assert ev["event"] == "finished", ev
+            return ev["result"], dict(s.run._fast.stats) if s.run._fast is not None else {}
+        graph, st = run()
+        assert st.get("graph_steps", 0) == n - 1 or not cuda, st
+        row["graph_ms"] = _decode_ms(graph)
+        ruled, _ = run(scale=0.9)
+        row["graph_rule_ms"] = _decode_ms(ruled)
+        expr, st = run(edit=ablate)
+        row["graph_expression_ms"] = _decode_ms(expr)
+        row["expression_in_graph"] = st.get("graph_steps") == n - 1
+        hooked, st = run(edit=ablate, steps=list(range(n)))        # the same, by the run's hooks
+        row["segmented_expression_ms"] = _decode_ms(hooked)
+        row["expression_graph_vs_hooks"] = _bits(expr, hooked)
+        s.clear_steering()
+        _paused_run(s, ids, n, bp_layer)                            # warm-up (segment capture)
+        paused, cycle = _paused_run(s, ids, n, bp_layer)
+        row["breakpoint_step_ms"] = _decode_ms(paused)              # the client's time taken out
+        row["pause_to_pause_ms"] = cycle * 1e3                      # with an in-process client
+        row["breakpoint_vs_graph"] = row["breakpoint_step_ms"] / row["graph_ms"]
+        row["breakpoint_vs_no_breakpoint"] = _bits(paused, graph)
+        row["segmented_stats"] = {k: v for k, v in s.run._fast.stats.items()} if s.run._fast else {}
+        if ctx == contexts[0]:
+            result["segmented_profile"] = _profile_segmented(s, ids, bp_layer)
+        if cuda:
+            row["replay_only"] = replay_only_ms(loaded)
+        fast_decode.set_mode("off")
+        eager = s.generate(list(ids), max_new_tokens=n, stop_at_eos=False, return_logits=True)["result"]
+        row["eager_ms"] = _decode_ms(eager)
+        row["graph_vs_eager"] = _bits(graph, eager)
+        fast_decode.set_mode(fast)
+        s.close()
+        # Hugging Face generate: with the server's exact decode attention (process-wide), then
+        # with PyTorch's fused SDPA (the peer's own speed)
+        _, hf_exact = _hf_generate(loaded, ids, n, reps=1)
+        row["graph_vs_hf_generate_exact_attention"] = _bits(graph, hf_exact)
+        exact_attention.set_kernel("sdpa")
+        try:
+            row["hf_generate_sdpa_ms"], hf = _hf_generate(loaded, ids, n)
+            row["hf_generate_sdpa_rule_ms"], _ = _hf_generate(loaded, ids, n, (rule_layer, _scale_hook(0.9)))
+        finally:
+            exact_attention.set_kernel(None)
+        row["graph_vs_hf_generate_sdpa"] = _bits(graph, hf)
+        result["rows"].append(row)
+        print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()
+               if not isinstance(v, dict)}, flush=True)
+        if cuda:
+            torch.cuda.empty_cache()
+    ck_ctx = 4096 if max(contexts) >= 4096 else contexts[-1]
+    ck_ids = torch.randint(0, loaded.vocab_size, (ck_ctx,), generator=gen).tolist()
+    result["first_checkpoint"] = _first_checkpoint(loaded, ck_ids)
+    print(result["first_checkpoint"], flush=True)
+    # nnsight last: wrapping replaces every module's forward for good
+    try:
+        exact_attention.set_kernel("sdpa")
+        for row in result["rows"]:
+            ids = prompts[row["context"]]
+            plain = _nnsight_ms(loaded, ids, n, None, 1.0)
+            ruled = _nnsight_ms(loaded, ids, n, rule_layer, 0.9)
+            row["nnsight_ms"], row["nnsight_rule_ms"] = plain["ms_per_token"], ruled["ms_per_token"]
+            result["nnsight"] = plain["version"]
+            print({"context": row["context"], "nnsight_ms": row["nnsight_ms"],
+                   "nnsight_rule_ms": row["nnsight_rule_ms"]}, flush=True)
+    except Exception as exc:       # the peer missing or failing must not lose the other numbers
+        import traceback
+        result["nnsight_error"] = f"{type(exc).__name__}: {exc}"
+        result["nnsight_traceback"] = traceback.format_exc()[-2000:]
+    finally:
+        exact_attention.set_kernel(None)
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -288,8 +575,28 @@ def main(argv=None) -> int:
     p.add_argument("--profile-model", default="gpt2-124m")
     p.add_argument("--out", default=None, help="also write the JSON (and the profile text) here")
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--peers", action="store_true", help="the context sweep with the peers (#16)")
+    p.add_argument("--peer-model", default="llama-7b:bfloat16", help="random shape:dtype for --peers")
+    p.add_argument("--contexts", default="512,4000,8000", help="prompt lengths for --peers")
     args = p.parse_args(argv)
     args.profiled = False
+    if args.peers:
+        if args.smoke:
+            args.device, args.peer_model, args.contexts, args.tokens = "cpu", "tiny-llama:float32", "16,40", 6
+        elif args.tokens == p.get_default("tokens"):
+            args.tokens = 32
+        t0 = time.perf_counter()
+        result = {"benchmark": "fast_decode_peers", "device": args.device,
+                  "env": environment(args.device),
+                  "command": " ".join(["python", "bench/fast_decode_bench.py"] + sys.argv[1:]),
+                  **peers_bench(args)}
+        result["elapsed_s"] = time.perf_counter() - t0
+        tag = f"fast_decode_peers_{torch.device(args.device).type}"
+        if not args.smoke:
+            print("wrote", write_result(tag, result))
+        if args.out:
+            write_result(tag, result, Path(args.out))
+        return 0
     if args.smoke:
         args.device, args.models, args.tokens, args.prompt_tokens, args.reps = \
             "cpu", "tiny-gpt2:float32,tiny-llama:float32", 6, 8, 1

@@ -101,8 +101,10 @@ class LoadedModel:
                 "architecture": type(self.model).__name__, "max_positions": self.max_positions,
                 "devices": [str(d) for d in self.devices],
                 "layer_devices": [str(self.layer_device(i)) for i in range(self.num_layers)],
-                # which decode modes agree bit for bit here (tests/integration/test_exact_attention.py)
-                "exactness": exact_attention.exactness(self.device, self.dtype)}
+                # which decode modes agree bit for bit here (tests/integration/test_exact_attention.py);
+                # Hugging Face generate in this process: eager's bits (test_fast_decode.py)
+                "exactness": {**exact_attention.exactness(self.device, self.dtype),
+                              "hf_generate": "eager"}}
 
 
 def load_model(name: str, device: str | None = None, dtype: str | None = None,

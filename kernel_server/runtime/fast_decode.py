@@ -2,7 +2,8 @@
 steering rules inside the graph.
 
 Eager Hugging Face decode of a small model is bound by Python and kernel launches, not by
-the GPU. When no breakpoint is hot for a step, the step is one ``CUDAGraph.replay()``:
+the GPU. When no breakpoint is hot for a step, the step is one ``CUDAGraph.replay()``; a step
+that pauses replays one graph per decoder block:
 
 - the run's KV cache moves, once, at its first decode step, from the DynamicCache of the
   prefill into a ``StaticCache`` of a *slot* (the prefill itself stays eager and exact);
@@ -14,10 +15,21 @@ the GPU. When no breakpoint is hot for a step, the step is one ``CUDAGraph.repla
   ``on_site`` applies each rule's math
   reading persistent device tensors (a scale, a pre-multiplied ``alpha * vector``, a
   ``set`` vector). Moving a slider rewrites those tensors; nothing is re-captured;
-- a step that needs Python inside the forward - a breakpoint or ``step()`` target on it,
-  a step-limited rule that fires on it, a rule on explicit positions that selects this
-  step's position - runs the ordinary eager forward with the run's own hooks, on the same
-  static cache object, so a pause, an edit and a resume behave as always;
+- standing expression rules (``kind == "expr"``, kernel_server.model.expressions) are graph
+  rules too when every op is a device kernel (``capturable``): their array constants live in
+  device buffers of the signature, their numbers are part of it;
+- a step with a pause on the residual stream (a breakpoint or ``step()`` target), or a rule
+  the graph cannot hold (step-limited, explicit positions, an expression with a plugin or a
+  host-made tensor), replays the step *in segments*: one graph per decoder block, captured
+  once per slot in one memory pool, with no rules inside; between two segments the run's own
+  hook (``hand_over``) sees block i's output where the next segment reads it, applies the
+  rules, pauses, and what the client edits is written back into that buffer before the next
+  segment replays. The kernels are those of the whole-step graph: a pause with no edit gives
+  its bits. Without graphs (``static`` mode, a private slot) the same hand-over runs from the
+  hooks of one eager forward;
+- a step that needs a hook inside a block (a rule or breakpoint on another site,
+  kernel_server.model.sites) runs the ordinary eager forward with the run's own hooks, on
+  the same static cache object;
 - when the run ends (finished, stopped, aborted, failed) its keys and values are copied
   into a DynamicCache again and the slot goes back to the pool: checkpoints, forks and
   restores of a finished run never see a slot.
@@ -48,8 +60,10 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import weakref
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 log = logging.getLogger("kernel_server.runtime.fast_decode")
@@ -92,16 +106,20 @@ def effective_mode(device: torch.device, mode: str | None = None) -> str:
 # ---- which steps can run in the graph ------------------------------------------------------
 @dataclass(frozen=True)
 class StepPlan:
-    """How one decode step runs: ``eager`` names the reason it cannot replay a graph
-    (None: it can); ``rules`` are the rules the graph applies, in order; ``fired`` the rule
-    ids the step record lists (as the eager hooks would: by layer, then rule order)."""
+    """How one decode step runs. ``eager`` names the reason it needs the whole forward in
+    Python (a hook inside a decoder block); ``segmented`` the reason it replays the graph in
+    per-layer segments with the run's own hooks called between them (a pause, or a rule
+    the graph cannot hold); both None: one replay of the graph of ``rules``. ``rules`` are
+    the rules that graph applies, in order; ``fired`` the rule ids the step record lists
+    (as the eager hooks would: by layer, then rule order)."""
     eager: str | None
     rules: tuple = ()
     fired: tuple = ()
+    segmented: str | None = None
 
     @property
     def signature(self) -> tuple:
-        return tuple((r.layer, r.op.kind) for r in self.rules)
+        return tuple(rule_key(r) for r in self.rules)
 
 
 def _graphable_vector(vec) -> bool:
@@ -110,14 +128,18 @@ def _graphable_vector(vec) -> bool:
 
 def plan_step(interventions, step: int, position: int, ignore_breakpoints: bool = False,
               step_target: tuple | None = None) -> StepPlan:
-    """Decide whether decode step ``step`` (its one input token at absolute ``position``)
-    can replay a graph. Pure host logic on the session's breakpoints and rules."""
+    """Decide how decode step ``step`` (its one input token at absolute ``position``) runs.
+    Pure host logic on the session's breakpoints and rules."""
     phase = "decode"
+    segmented = None
     if step_target is not None and step_target[1] == step:
-        return StepPlan("step() target")
-    if not ignore_breakpoints and any(b.matches(b.layer, step, phase)
-                                      for b in interventions.breakpoints):
-        return StepPlan("breakpoint")
+        segmented = "step() target"
+    if not ignore_breakpoints:
+        for b in interventions.breakpoints:
+            if b.matches(b.layer, step, phase):
+                if b.site != "resid":           # a hook inside a block: the eager forward
+                    return StepPlan("breakpoint off the residual stream")
+                segmented = segmented or "breakpoint"
     rules, fired = [], {}
     for rule in interventions.rules:
         if not rule.matches(rule.layer, step, phase):
@@ -125,19 +147,83 @@ def plan_step(interventions, step: int, position: int, ignore_breakpoints: bool 
         fired.setdefault(rule.layer, []).append(rule.id)
         if rule.site != "resid" or rule.op.head is not None:
             return StepPlan("rule off the residual stream")   # kernel_server.model.sites: eager hooks
-        if rule.op.kind == "expr":
-            return StepPlan("expression rule")      # (evaluated by the eager hooks)
+        if rule.op.kind == "expr" and not capturable(rule.op.expr.tree):
+            segmented = segmented or "expression the graph cannot hold"
+            continue
         if rule.steps is not None:
-            return StepPlan("step-limited rule")
+            segmented = segmented or "step-limited rule"
+            continue
         pos = rule.op.positions
         if isinstance(pos, tuple):
             if position in pos:
-                return StepPlan("rule on explicit positions")
-            continue      # it fires (the record lists it) but selects no row: a no-op
+                segmented = segmented or "rule on explicit positions"
+            continue      # else it fires (the record lists it) but selects no row: a no-op
         if not _graphable_vector(rule.op.vector):
-            return StepPlan("rule vector with several rows")
+            segmented = segmented or "rule vector with several rows"
+            continue
         rules.append(rule)
+    if segmented is not None:       # the run's hooks apply every rule between the segments
+        return StepPlan(None, segmented=segmented)
     return StepPlan(None, tuple(rules), tuple(i for layer in sorted(fired) for i in fired[layer]))
+
+
+# ---- expressions inside the graph ------------------------------------------------------------
+def _is_scalar(node) -> bool:
+    """Whether an expression node evaluates to a Python number (no ``h``, no array)."""
+    if node["op"] == "const":
+        return not isinstance(node["value"], np.ndarray)
+    if node["op"] in ("h", "plugin"):
+        return False
+    return all(_is_scalar(a) for a in node.get("args", []))
+
+
+def capturable(tree) -> bool:
+    """Whether a standing expression can run inside a CUDA graph: every op is a device
+    kernel. Not: plugins (any Python), and ops that make a tensor from a Python number on
+    the host (``minimum``/``maximum``/``where`` with a number operand, see
+    kernel_server.model.expressions._tensors), or a ``topk_mask`` whose k is a tensor.
+    Those run between graph segments instead, through the same eager code."""
+    op, args = tree["op"], tree.get("args", [])
+    if op == "plugin":
+        return False
+    if op in ("minimum", "maximum") and any(_is_scalar(a) for a in args):
+        return False
+    if op == "where" and any(_is_scalar(a) for a in args[1:]):
+        return False
+    if op == "topk_mask" and not _is_scalar(args[1]):
+        return False
+    return all(capturable(a) for a in args)
+
+
+def _shape_key(node):
+    """An expression tree as a hashable key: the ops, the numbers (a graph bakes a Python
+    number in), and the shape of each array constant (its values live in device buffers)."""
+    out = []
+    for key in sorted(node):
+        value = node[key]
+        if key == "args":
+            value = tuple(_shape_key(a) for a in value)
+        elif isinstance(value, np.ndarray):
+            value = ("array", tuple(value.shape))
+        out.append((key, value))
+    return tuple(out)
+
+
+def rule_key(rule) -> tuple:
+    """What a captured graph depends on for ``rule``: its layer and kind (values live in
+    device buffers), and for an expression its structure and numbers."""
+    if rule.op.kind == "expr":
+        expr = rule.op.expr
+        key = _expr_keys.get(expr)          # (made once per expression, not once per step)
+        if key is None:
+            first: dict = {}           # which constants are one array (held once in the graph)
+            sharing = tuple(first.setdefault(id(c), i) for i, c in enumerate(expr._consts))
+            key = _expr_keys[expr] = (_shape_key(expr.tree), sharing)
+        return (rule.layer, "expr") + key
+    return (rule.layer, rule.op.kind)
+
+
+_expr_keys: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 # ---- the steering math inside the graph ----------------------------------------------------
@@ -148,20 +234,26 @@ def _opmath(dtype: torch.dtype) -> torch.dtype:
 
 class RuleBuffers:
     """Persistent device tensors holding the values of a signature's rules, and the proxy
-    the capture runs the layer hooks through. ``bind`` writes new values in place."""
+    the capture runs the layer hooks through. ``bind`` writes new values in place.
 
-    def __init__(self, signature: tuple, hidden_size: int, device, dtype):
+    An expression rule's buffers are copies of its array constants (and projection bases);
+    the graph evaluates the same expression code over them, so its bits are those of the
+    eager ``apply_edit`` (its numbers are part of the signature: the graph bakes them in)."""
+
+    def __init__(self, signature: tuple, hidden_size: int, device, dtype, rules=None):
         self.signature = signature
         self.dtype = dtype
         self.buffers = []
-        for _, kind in signature:
+        for i, (_, kind, *_) in enumerate(signature):
             if kind == "scale":
                 self.buffers.append(torch.ones((), dtype=_opmath(dtype), device=device))
+            elif kind == "expr":         # shapes from the rule the signature was made of
+                self.buffers.append(_ExprBuffers(rules[i].op.expr, device))
             else:
                 self.buffers.append(torch.zeros(hidden_size, dtype=dtype, device=device))
         self.bound: list = [None] * len(signature)
         by_layer: dict = {}
-        for (layer, kind), buf in zip(signature, self.buffers):
+        for (layer, kind, *_), buf in zip(signature, self.buffers):
             by_layer.setdefault(layer, []).append((kind, buf))
         self.by_layer = by_layer
         self.proxy = _SteeringProxy(self)
@@ -175,6 +267,8 @@ class RuleBuffers:
             op, buf = rule.op, self.buffers[i]
             if op.kind == "scale":
                 buf.fill_(op.scale)
+            elif op.kind == "expr":
+                buf.bind(op.expr)
             else:
                 vec = op.vector.to(device=buf.device, dtype=self.dtype)
                 if op.kind == "add":
@@ -189,9 +283,34 @@ class RuleBuffers:
                 hidden = (hidden.to(buf.dtype) * buf).to(hidden.dtype)
             elif kind == "add":
                 hidden = hidden + buf
+            elif kind == "expr":
+                hidden = buf.expression(hidden)
             else:
                 hidden = buf.expand_as(hidden).clone()
         return hidden
+
+
+class _ExprBuffers:
+    """An expression rule inside a graph: device copies of its array constants and bases
+    (one per distinct array: an SAE used twice is held once), and the expression evaluated
+    over them (kernel_server.model.expressions' own code)."""
+
+    def __init__(self, expr, device):
+        from kernel_server.model.expressions import Expression
+        mine: dict = {}
+        self.consts = [c if isinstance(c, float) else
+                       mine.setdefault(id(c), torch.empty_like(c, device=device)) for c in expr._consts]
+        self.bases = [torch.empty_like(b, device=device) for b in expr._bases]
+        self.expression = Expression(expr.tree, expr.text, tuple(self.consts), tuple(self.bases))
+
+    def bind(self, expr) -> None:
+        done = set()
+        for mine, theirs in zip(self.consts, expr._consts):
+            if not isinstance(mine, float) and id(mine) not in done:
+                mine.copy_(theirs)
+                done.add(id(mine))
+        for mine, theirs in zip(self.bases, expr._bases):
+            mine.copy_(theirs)
 
 
 class _SteeringProxy:
@@ -209,12 +328,82 @@ class _SteeringProxy:
         return None if new is hidden else new
 
 
+def hand_over(run, layer: int, boundary: torch.Tensor) -> None:
+    """Between two segments of a step: the run's own hook on ``layer`` (its rules, its
+    breakpoint: a pause, edits, resume) over the hidden state in ``boundary``, the tensor the
+    next segment reads; what the hook returns is written back into it. The run sees a copy,
+    so nothing outside holds a tensor of the graph's pool."""
+    seen = boundary.clone()
+    new = run.on_site(layer, "resid", seen)
+    if new is not None:
+        boundary.copy_(new)
+
+
+class _SegmentProxy:
+    """The hook target of a segmented step without graphs (static mode, a private slot):
+    the run's hooks through ``hand_over``, as the segmented replay calls them."""
+
+    hot_sites = frozenset()
+
+    def __init__(self, run):
+        self._run = run
+
+    @property
+    def hot_layers(self) -> frozenset:
+        return self._run.hot_layers        # live: a pause may add breakpoints or rules
+
+    def on_site(self, layer: int, site: str, hidden: torch.Tensor):
+        hand_over(self._run, layer, hidden)
+        return None
+
+
+class _SegmentCapture:
+    """The hook target while a step is captured in segments: at each decoder block's output
+    the current graph ends and the next begins (one private memory pool for all of them, so
+    the tensors alive across a boundary stay where the next segment reads them)."""
+
+    hot_sites = frozenset()
+
+    def __init__(self, num_layers: int, pool):
+        self.hot_layers = frozenset(range(num_layers))
+        self.pool = pool
+        self.graphs: list = []
+        self.boundaries: list = []
+        self.open = False
+
+    def begin(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+        self.graphs.append(graph)
+        self.open = True
+
+    def end(self) -> None:
+        self.open = False
+        self.graphs[-1].capture_end()
+
+    def on_site(self, layer: int, site: str, hidden: torch.Tensor):
+        self.end()
+        self.boundaries.append(hidden)
+        self.begin()
+        return None
+
+
 # ---- slots: a static cache, its input buffers and its graphs -------------------------------
 @dataclass(eq=False)       # compared by identity (holds tensors)
 class _Graph:
     buffers: RuleBuffers
     graph: object = None          # torch.cuda.CUDAGraph (None in static mode)
     logits: torch.Tensor | None = None
+
+
+@dataclass(eq=False)       # compared by identity (holds tensors)
+class _Segments:
+    """A decode step captured in per-layer segments: ``graphs[i]`` (i < layers) ends with
+    block i's output in ``boundaries[i]``; the last one computes ``logits``. No rules inside:
+    the run's hooks apply them between segments, as in an eager step."""
+    graphs: list
+    boundaries: list
+    logits: torch.Tensor
 
 
 @dataclass(eq=False)       # compared by identity (holds tensors)
@@ -228,6 +417,7 @@ class Slot:
     busy: bool = False
     initialized: bool = False
     private: bool = False         # not in the pool (all pooled slots busy): no graphs
+    segments: _Segments | None = None    # the step in per-layer segments (captured on demand)
 
 
     def set_length(self, length: int) -> None:
@@ -239,6 +429,10 @@ class Slot:
             if g.graph is not None:
                 g.graph.reset()
         self.graphs.clear()
+        if self.segments is not None:
+            for g in self.segments.graphs:
+                g.reset()
+            self.segments = None
 
 
 def _bucket(need: int) -> int:
@@ -375,7 +569,8 @@ class FastRun:
         self.decoder = decoder
         self.slot: Slot | None = None
         self.disabled: str | None = None
-        self.stats = {"graph_steps": 0, "eager_steps": 0, "eager_reasons": {}, "captures": 0}
+        self.stats = {"graph_steps": 0, "eager_steps": 0, "eager_reasons": {}, "captures": 0,
+                      "segmented_steps": 0, "segmented_reasons": {}}
 
     # called by GenerationRun._decode_loop under the model's compute lock
     def forward(self, next_input: torch.Tensor):
@@ -390,22 +585,50 @@ class FastRun:
         slot = self.slot
         slot.ids.copy_(next_input.view(1, 1))
         if plan.eager is not None:
-            reasons = self.stats["eager_reasons"]
-            reasons[plan.eager] = reasons.get(plan.eager, 0) + 1
-            self.stats["eager_steps"] += 1
+            self._count("eager", plan.eager)
             return self._model(slot)           # the run's own hooks: pauses, edits, rules
-        entry = self._entry(plan.signature)
+        if plan.segmented is not None:
+            self._count("segmented", plan.segmented)
+            return self._segmented(position)
+        entry = self._entry(plan)
         entry.buffers.bind(plan.rules)
         run.add_fired_rules(plan.fired)
         self.stats["graph_steps"] += 1
-        if (entry.graph is None and self.decoder.mode == "graph" and not slot.private
-                and not self.decoder.graphs_broken):
+        if entry.graph is None and self._graphs_allowed():
             self._capture(entry, position)
         if entry.graph is None:                 # static mode: the graph's math, run eagerly
             return self._through_proxy(entry)
         with torch.cuda.device(self.run.loaded.device):
             entry.graph.replay()
         return entry.logits
+
+    def _count(self, what: str, reason: str) -> None:
+        reasons = self.stats[f"{what}_reasons"]
+        reasons[reason] = reasons.get(reason, 0) + 1
+        self.stats[f"{what}_steps"] += 1
+
+    def _graphs_allowed(self) -> bool:
+        return (self.decoder.mode == "graph" and not self.slot.private
+                and not self.decoder.graphs_broken)
+
+    def _segmented(self, position: int) -> torch.Tensor:
+        """A step with a pause (or a rule the graph cannot hold): the step's graph in one
+        segment per decoder block, the run's hooks (``hand_over``) called between two
+        segments on the blocks it wants; without graphs the same through ``_SegmentProxy``."""
+        slot, run = self.slot, self.run
+        if slot.segments is None and self._graphs_allowed():
+            self._capture_segments(position)
+        seg = slot.segments
+        if seg is None:
+            with run.loaded.hooks.active(_SegmentProxy(run)):
+                return self._model(slot)
+        last = len(seg.boundaries)
+        with torch.cuda.device(run.loaded.device):
+            for layer, graph in enumerate(seg.graphs):
+                graph.replay()
+                if layer < last and layer in run.hot_layers:     # read live: a pause may change it
+                    hand_over(run, layer, seg.boundaries[layer])
+        return seg.logits
 
     def _model(self, slot: Slot) -> torch.Tensor:
         loaded = self.run.loaded
@@ -417,12 +640,13 @@ class FastRun:
         with self.run.loaded.hooks.active(entry.buffers.proxy):
             return self._model(self.slot)
 
-    def _entry(self, signature: tuple) -> _Graph:
-        graphs = self.slot.graphs
+    def _entry(self, plan: StepPlan) -> _Graph:
+        graphs, signature = self.slot.graphs, plan.signature
         entry = graphs.pop(signature, None)
         if entry is None:
             loaded = self.run.loaded
-            entry = _Graph(RuleBuffers(signature, loaded.hidden_size, loaded.device, loaded.dtype))
+            entry = _Graph(RuleBuffers(signature, loaded.hidden_size, loaded.device, loaded.dtype,
+                                       plan.rules))
             while len(graphs) >= MAX_GRAPHS_PER_SLOT:
                 old = graphs.pop(next(iter(graphs)))
                 if old.graph is not None:
@@ -457,6 +681,53 @@ class FastRun:
             dec.graphs_broken = f"{type(exc).__name__}: {exc}"
             log.warning("CUDA graph capture failed for %s, decoding without graphs: %s: %s",
                         self.run.loaded.name, type(exc).__name__, exc)
+            torch.cuda.synchronize(device)
+            slot.set_length(position)
+            return False
+
+    def _capture_segments(self, position: int) -> bool:
+        """Capture one decode step in per-layer segments into the slot (no rules inside;
+        inputs already in the slot); warm-up and rewind as ``_capture``."""
+        slot, dec, loaded = self.slot, self.decoder, self.run.loaded
+        device = loaded.device
+        current = torch.cuda.current_stream(device)
+        plain = RuleBuffers((), loaded.hidden_size, device, loaded.dtype)
+        capture = _SegmentCapture(loaded.num_layers, torch.cuda.graph_pool_handle())
+        try:
+            with torch.cuda.device(device):
+                slot.stream.wait_stream(current)
+                with torch.cuda.stream(slot.stream):
+                    for _ in range(WARMUP_STEPS):
+                        with loaded.hooks.active(plain.proxy):
+                            self._model(slot)
+                        slot.set_length(position)
+                current.wait_stream(slot.stream)
+                torch.cuda.synchronize(device)
+                with torch.cuda.stream(slot.stream):
+                    capture.begin()
+                    try:
+                        with loaded.hooks.active(capture):
+                            logits = self._model(slot)
+                    finally:
+                        if capture.open:
+                            capture.end()
+            if len(capture.boundaries) != loaded.num_layers:
+                raise RuntimeError(f"{len(capture.boundaries)} of {loaded.num_layers} block "
+                                   "outputs seen while capturing")
+            slot.segments = _Segments(capture.graphs, capture.boundaries, logits)
+            dec.stats["captures"] += 1
+            self.stats["captures"] += 1
+            return True
+        except Exception as exc:  # never fail a generation for the fast path: decode eagerly
+            dec.stats["capture_failures"] += 1
+            dec.graphs_broken = f"{type(exc).__name__}: {exc}"
+            log.warning("segmented CUDA graph capture failed for %s, decoding without graphs: "
+                        "%s: %s", loaded.name, type(exc).__name__, exc)
+            for graph in capture.graphs:
+                try:
+                    graph.reset()
+                except Exception:   # (a graph whose capture never ended)
+                    pass
             torch.cuda.synchronize(device)
             slot.set_length(position)
             return False
