@@ -147,6 +147,26 @@ def nnsight_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def analysis_table(d: dict) -> str:
+    """bench/analysis_bench.py: one-shot analysis passes against in-process peers."""
+    load = d.get("load_average_before", [None])[0]
+    lines = [_heading(d, f"{d['model']} {d['dtype']}, median of {d['reps']}"
+                         + (f", machine load average {load:.1f} at the start" if load is not None else "")),
+             "", "| task | djinn_nb ms | djinn_nb one pass per prompt / cell ms | HF hooks in-process, "
+             "batched ms | HF hooks, one forward per cell ms | nnsight batched trace ms | "
+             "djinn_nb vs fastest peer | max abs diff vs djinn_nb |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        peers = [r[k] for k in ("hf_ms", "hf_unbatched_ms", "nnsight_ms") if k in r]
+        cell = lambda k: _f(r[k], 0) if k in r else "-"  # noqa: E731
+        diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff"].items())
+        extra = f" (r = {r['corr_with_exact']:.3f} with the exact grid)" if "corr_with_exact" in r else ""
+        lines.append(f"| {r['task']}{extra} | {cell('djinn_ms')} | {cell('djinn_unbatched_ms')} | "
+                     f"{cell('hf_ms')} | {cell('hf_unbatched_ms')} | {cell('nnsight_ms')} | "
+                     f"{min(peers) / r['djinn_ms']:.2f}x | {diffs} |")
+    return "\n".join(lines)
+
+
 #: what each traced segment of a pause cycle holds (bench/cycle_trace.py)
 CYCLE_SEGMENTS = {
     "c_call -> c_send": "client: `resume()` to the request on the socket (encode)",
@@ -203,11 +223,80 @@ def tenants_table(d: dict) -> str:
     lines.append(f"{hf['clients']} clients / HF batched generate: {_f(d['max_clients_over_hf'], 2)}x"
                  + (f"; one client, engine on / off: {_f(d['solo_on_over_off'], 2)}x"
                     if "solo_on_over_off" in d else ""))
+    sw = d["engine_on"].get("sweep")
+    if sw:
+        lines += ["", f"Sweep of {len(sw['scales'])} scales from one checkpoint ({sw['new_tokens']} "
+                  f"new tokens each): {len(sw['scales'])} sequential forks {_f(sw['sequential_forks_s'], 2)} s; "
+                  f"{len(sw['scales'])} clients resuming together {_f(sw['together_resume_s'], 2)} s "
+                  f"(+ {_f(sw['together_load_s'], 2)} s loading the checkpoint file): "
+                  f"**{_f(sw['speedup'], 1)}x** ({_f(sw['speedup_with_loads'], 1)}x with the loads); "
+                  f"tokens equal to each fork alone: "
+                  f"{'yes' if all(sw['tokens_equal_fork']) else '**no**'}."]
+    st = d["engine_on"].get("join_stall")
+    if st:
+        lines += ["", f"Join stall: a session joining with a {st['joiner_prompt_tokens']}-token prompt "
+                  f"(prefill {_f(st['joiner_prefill_alone_ms'], 1)} ms alone) stalled a running session's "
+                  f"step by {_f(st['stall_ms'], 1)} ms (slowest step {_f(st['running_step_max_ms'], 1)} ms, "
+                  f"median {_f(st['running_step_median_ms'], 1)} ms)."]
     return "\n".join(lines)
 
 
-RENDERERS = {"checkpoint": checkpoint_table, "decode": decode_table, "sweep": sweep_table,
-             "nnsight": nnsight_table, "cycle_trace": cycle_trace_table, "tenants": tenants_table}
+def fast_decode_peers_table(d: dict) -> str:
+    """bench/fast_decode_bench.py --peers: ms per decode token by context, the server's modes
+    and the peers, with and without a standing rule; the bit-for-bit relations; targets."""
+    def ms(r, k):
+        return _f(r[k], 2) if r.get(k) is not None else "-"
+
+    def replay(r):
+        x = r.get("replay_only")
+        return (f"{_f(x['segments_replay_ms'], 2)} / {_f(x['graph_replay_ms'], 2)} "
+                f"({x['segments']} graphs)") if x else "-"
+    lines = [_heading(d, f"{d['model']} {d['dtype']}, {d['new_tokens']} new tokens, ms per decode "
+                         f"token (median; HF and nnsight: (time of n tokens - time of 1) / (n-1)); "
+                         f"rule: {d['rule']} at layer {d['rule_layer']}; breakpoint at layer "
+                         f"{d['breakpoint_layer']} on every step"), "",
+             "| context (bucket) | graph | graph + rule | graph + expression | breakpoint step "
+             "(client time out) | breakpoint / graph (target <= 1.5) | pause to pause, in-process client | "
+             "segments alone / whole graph (replay only) | eager server | HF `generate` "
+             "SDPA | HF + rule (hook) | nnsight | nnsight + rule |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in d["rows"]:
+        ratio = r["breakpoint_vs_graph"]
+        lines.append(f"| {r['context']} ({r['bucket']}) | {ms(r, 'graph_ms')} | {ms(r, 'graph_rule_ms')} | "
+                     f"{ms(r, 'graph_expression_ms')} | {ms(r, 'breakpoint_step_ms')} | "
+                     f"{_f(ratio, 2)}{'' if ratio <= 1.5 else ' **no**'} | {ms(r, 'pause_to_pause_ms')} | "
+                     f"{replay(r)} | {ms(r, 'eager_ms')} | "
+                     f"{ms(r, 'hf_generate_sdpa_ms')} | {ms(r, 'hf_generate_sdpa_rule_ms')} | "
+                     f"{ms(r, 'nnsight_ms')} | {ms(r, 'nnsight_rule_ms')} |")
+
+    def same(key):
+        rows = [r[key] for r in d["rows"]]
+        if all(x["bit_identical"] for x in rows):
+            return "yes"
+        return ", ".join("yes" if x["bit_identical"] else
+                         f"no (step {x['first_differing_step']}, {x['max_abs_logit_diff']:.3g})" for x in rows)
+    lines += ["", "Bit for bit over all steps, per context: breakpoint on every step = no breakpoint: "
+              f"{same('breakpoint_vs_no_breakpoint')}; expression in the graph = the same expression "
+              f"by the run's hooks: {same('expression_graph_vs_hooks')}; graph = eager server: "
+              f"{same('graph_vs_eager')}; graph = HF `generate` with the server's decode attention: "
+              f"{same('graph_vs_hf_generate_exact_attention')}; graph = HF `generate` with fused SDPA: "
+              f"{same('graph_vs_hf_generate_sdpa')}."]
+    ck = d.get("first_checkpoint")
+    if ck:
+        a, b = ck["pool_512mib"], ck["pool_sized_at_load"]
+        lines += ["", f"First checkpoint at {ck['context']} positions ({_f(b['kv_mib'], 0)} MiB): "
+                  f"{_f(a['first_dispatch_ms'], 1)} ms with a 512 MiB pool (later ones "
+                  f"{_f(a['later_dispatch_ms'], 2)} ms); {_f(b['first_dispatch_ms'], 2)} ms with the "
+                  f"pool sized at load ({_f(b['pool_mib'], 0)} MiB, allocated in "
+                  f"{_f(b['prepare_s'], 2)} s; later ones {_f(b['later_dispatch_ms'], 2)} ms)"
+                  f"{'' if b['first_dispatch_ms'] < 1.0 else ' **no** (target < 1 ms)'}"]
+    if d.get("nnsight_error"):
+        lines += ["", f"nnsight: {d['nnsight_error']}"]
+    return "\n".join(lines)
+
+
+RENDERERS = {"checkpoint": checkpoint_table, "fast_decode_peers": fast_decode_peers_table, "decode": decode_table, "sweep": sweep_table,
+             "nnsight": nnsight_table, "analysis": analysis_table, "cycle_trace": cycle_trace_table, "tenants": tenants_table}
 
 
 def render(text: str, results: Path = RESULTS) -> str:

@@ -8,7 +8,13 @@ own session with a standing rule, all started at once, against Hugging Face batc
 - engine off (each run decodes on its own under the model's lock): 1 and 8 clients, the
   figures before the engine, and what a solo session pays for the engine (1 client on vs
   off);
-- HF: ``model.generate`` of the same prompts, left-padded, greedy, in this process.
+- HF: ``model.generate`` of the same prompts, left-padded, greedy, in this process;
+- sweep (engine on): 8 scales from one checkpoint, as 8 sequential forks of one client
+  against 8 clients that each load the checkpoint's file and resume together (their
+  decode steps are rows of one batched step); tokens compared scale by scale;
+- join stall (engine on): a client decoding while another joins with a long prompt:
+  the running client's slowest step against its median (the joiner's prefill runs
+  under the model's lock), and the joiner's prefill alone.
 
 Aggregate tokens/s = clients x tokens / (last client's end - first client's start).
 
@@ -23,6 +29,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,7 +94,7 @@ def aggregate(runs: list, tokens: int) -> dict:
             "client_latency_s": {"median": float(np.median(per)), "max": max(per)}}
 
 
-def server_runs(args, mode: str, counts: list, tmp: Path, solo_of=None) -> dict:
+def server_runs(args, mode: str, counts: list, tmp: Path, solo_of=None, extras=False) -> dict:
     from common import start_server
     os.environ["DJINN_TENANTS"] = mode
     server = start_server(args.model, args.device, args.dtype)
@@ -105,9 +112,125 @@ def server_runs(args, mode: str, counts: list, tmp: Path, solo_of=None) -> dict:
             row["logits_max_abs_diff"] = max(float(np.abs(r[1] - s[1]).max()) for r, s in zip(runs, solo))
             out["runs"].append(row)
             print(mode, row, flush=True)
+        if extras and not args.no_sweep:
+            out["sweep"] = sweep(server.address, args, tmp)
+            out["join_stall"] = join_stall(server.address, args)
         return out, solo
     finally:
         server.close()
+
+
+# ---- the sweep and the join stall (in this process, engine-on server) --------------------------
+def _resume_all(sessions: list) -> tuple[list, float]:
+    """Resume ``sessions`` (one client each) together; their results and the wall time from
+    the common start to the last end."""
+    out: list = [None] * len(sessions)
+    errors: list = []
+    start = threading.Barrier(len(sessions) + 1)
+
+    def one(i, s):
+        try:
+            start.wait(timeout=600)
+            out[i] = s.resume().result
+        except BaseException as exc:   # surfaced below
+            errors.append(exc)
+    threads = [threading.Thread(target=one, args=(i, s)) for i, s in enumerate(sessions)]
+    for t in threads:
+        t.start()
+    start.wait(timeout=600)
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join(timeout=900)
+    wall = time.perf_counter() - t0
+    assert not errors, errors
+    return out, wall
+
+
+def sweep(address: str, args, tmp: Path) -> dict:
+    """8 scales from one checkpoint: 8 sequential forks vs 8 clients resuming together."""
+    import djinn_nb as dj
+    scales = [round(0.5 + 0.1 * i, 2) for i in range(8)]
+    prompt = PROMPTS[0]
+    c = dj.connect(address)
+    s = c.session()
+    s.breakpoint(layer=0, steps=[1])
+    s.generate(prompt, max_new_tokens=args.tokens, stop_at_eos=False)      # warm-up
+    s.stop()
+    t0 = time.perf_counter()
+    assert s.generate(prompt, max_new_tokens=args.tokens, stop_at_eos=False).paused
+    ck = s.checkpoint().wait()
+    s.stop()
+    prefix_s = time.perf_counter() - t0
+    path = tmp / "sweep.djckpt"
+    ck.save(path)
+    # sequential: fork, steer, resume, one scale after the other
+    seq_tokens = []
+    t0 = time.perf_counter()
+    for x in scales:
+        f = s.fork(ck)
+        f.clear_breakpoints()
+        f.steer(layer=args.layer, scale=x, phase="decode")
+        seq_tokens.append(f.resume().result.tokens)
+        f.close()
+    seq_s = time.perf_counter() - t0
+    # together: one client per scale, each loads the checkpoint file, then all resume at once
+    clients = [dj.connect(address) for _ in scales]
+    t0 = time.perf_counter()
+    sessions = []
+    for cl, x in zip(clients, scales):
+        r = cl.load_checkpoint(path).session
+        r.clear_breakpoints()
+        r.steer(layer=args.layer, scale=x, phase="decode")
+        sessions.append(r)
+    load_s = time.perf_counter() - t0
+    results, together_s = _resume_all(sessions)
+    for cl in clients:
+        cl.close()
+    c.close()
+    same = [r.tokens == t for r, t in zip(results, seq_tokens)]
+    out = {"scales": scales, "prompt": prompt, "new_tokens": args.tokens,
+           "rule": f"scale at layer {args.layer}, decode steps", "prefix_s": prefix_s,
+           "sequential_forks_s": seq_s, "together_resume_s": together_s,
+           "together_load_s": load_s,
+           "speedup": seq_s / together_s, "speedup_with_loads": seq_s / (together_s + load_s),
+           "tokens_equal_fork": same, "distinct_outputs": len({tuple(t) for t in seq_tokens})}
+    print("sweep", out, flush=True)
+    return out
+
+
+def join_stall(address: str, args) -> dict:
+    """A running client's step times while another client joins with a long prompt."""
+    import djinn_nb as dj
+    long_prompt = " ".join(["The history of the river valley is long and"] * 100)
+    ca, cb = dj.connect(address), dj.connect(address)
+    a, b = ca.session(), cb.session()
+    a.steer(layer=args.layer, scale=0.9)
+    b.generate(long_prompt, max_new_tokens=2, stop_at_eos=False)            # warm-up
+    alone = b.generate(long_prompt, max_new_tokens=2, stop_at_eos=False).result
+    prefill_ms = alone.steps[0].forward_ms
+    n = 2 * args.tokens
+    out: dict = {}
+    started = threading.Event()
+
+    def run_a():
+        started.set()
+        out["a"] = a.generate(PROMPTS[1], max_new_tokens=n, stop_at_eos=False).result
+    t = threading.Thread(target=run_a)
+    t.start()
+    started.wait()
+    time.sleep(0.3)                     # a is decoding by now (a timing benchmark, not a test)
+    joined = b.generate(long_prompt, max_new_tokens=4, stop_at_eos=False).result
+    t.join(timeout=900)
+    ca.close()
+    cb.close()
+    steps = [st.forward_ms for st in out["a"].steps[1:]]
+    med = float(np.median(steps))
+    res = {"joiner_prompt_tokens": len(joined.prompt_tokens), "joiner_prefill_alone_ms": prefill_ms,
+           "joiner_prefill_ms": joined.steps[0].forward_ms,
+           "running_step_median_ms": med, "running_step_max_ms": max(steps),
+           "stall_ms": max(steps) - med}
+    print("join stall", res, flush=True)
+    return res
 
 
 def hf_batched(args, n: int) -> dict:
@@ -166,6 +289,9 @@ def parse_args(argv=None):
     p.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--reps", type=int, default=3, help="HF generate repetitions (median)")
     p.add_argument("--no-off", action="store_true", help="skip the engine-off server")
+    p.add_argument("--off-clients", type=int, nargs="+", default=[1],
+                   help="client counts of the engine-off server")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sweep and join-stall runs")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny-gpt2 on CPU, 1 and 2 clients")
@@ -179,6 +305,7 @@ def parse_args(argv=None):
     if args.smoke and args.client is None:
         args.model, args.device, args.dtype = "tiny-gpt2", "cpu", None
         args.tokens, args.layer, args.clients, args.reps = 8, 2, [1, 2], 1
+        args.off_clients = [1]
     return args
 
 
@@ -187,13 +314,14 @@ def main(argv=None) -> int:
     if args.client:
         return client_main(args)
     tmp = Path(tempfile.mkdtemp(prefix="djinn-tenants-"))
-    on, solo = server_runs(args, "on", args.clients, tmp)
+    on, solo = server_runs(args, "on", args.clients, tmp, extras=True)
     result = {"benchmark": "tenants", "command": command_line(), "model": args.model, "device": args.device,
               "dtype": args.dtype or "float32", "tokens_per_client": args.tokens,
               "rule": f"scale=0.9 at layer {args.layer}", "env": environment(args.device),
               "engine_on": on}
     if not args.no_off:
-        off, _ = server_runs(args, "off", sorted({1, max(args.clients)}), tmp, solo_of=solo)
+        # engine off: one client (today's solo fast path; many clients then take turns)
+        off, _ = server_runs(args, "off", args.off_clients, tmp, solo_of=solo)
         result["engine_off"] = off
         one_on = next(r for r in on["runs"] if r["clients"] == 1)["tokens_per_s"]
         one_off = next(r for r in off["runs"] if r["clients"] == 1)["tokens_per_s"]
@@ -201,6 +329,10 @@ def main(argv=None) -> int:
     result["hf_batched"] = hf_batched(args, max(args.clients))
     top = next(r for r in on["runs"] if r["clients"] == max(args.clients))
     result["max_clients_over_hf"] = top["tokens_per_s"] / result["hf_batched"]["tokens_per_s"]
+    if "sweep" in on:
+        result["sweep_speedup"] = on["sweep"]["speedup"]
+        result["sweep_tokens_equal_fork"] = all(on["sweep"]["tokens_equal_fork"])
+        result["join_stall_ms"] = on["join_stall"]["stall_ms"]
     result["all_bit_equal_solo"] = all(all(r["logits_bit_equal_solo"]) and all(r["tokens_equal_solo"])
                                        for r in on["runs"])
     return finish(args, result, "tenants", plot)

@@ -36,12 +36,18 @@ query position on a CUDA device takes one of two deterministic kernels:
   take (an additive float mask, a mask per query head, a head size over 256).
 
 Everything else - the prefill, CPU, any call with dropout or extras this wrapper does not
-know - goes to the original function unchanged. ``DJINN_EXACT_DECODE_ATTENTION=0`` leaves
+know - goes to the original function unchanged, with one exception: inside ``rows_apart()``
+(the multi-tenant engine's lane steps, kernel_server/runtime/scheduler.py) a single-query
+call on CPU with several batch rows runs row by row, each row the same [1, ...] call: on
+CPU, PyTorch's fused SDPA splits a batch over threads so that a row's rounding depends on
+its slot in the batch (measured: rows 4-7 of 8 differ from rows 0-3 by ~3e-7 with 2
+threads), and a lane row's bits must not. ``DJINN_EXACT_DECODE_ATTENTION=0`` leaves
 transformers' attention as it is (not reproducible on GPU); ``=math`` forces the float32
 math kernel; ``set_kernel`` switches at run time (benchmarks compare the three).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import threading
@@ -57,6 +63,31 @@ KERNELS = ("triton", "math", "sdpa")
 _lock = threading.Lock()
 _original = None
 _kernel: str | None = None      # None: "triton" where it imports, else "math"
+_rows = threading.local()       # .apart: inside rows_apart() in this thread
+
+
+@contextlib.contextmanager
+def rows_apart():
+    """In this thread, inside the block: single-query attention with several batch rows on
+    a device without the deterministic kernel (CPU) runs one row at a time, so a row's
+    numbers do not depend on its slot in the batch (the engine's lane steps)."""
+    before = getattr(_rows, "apart", False)
+    _rows.apart = True
+    try:
+        yield
+    finally:
+        _rows.apart = before
+
+
+def _row_by_row(module, query, key, value, attention_mask, **kwargs):
+    outs = []
+    for r in range(query.shape[0]):
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4 and mask.shape[0] > 1:
+            mask = mask[r:r + 1]
+        outs.append(_original(module, query[r:r + 1], key[r:r + 1], value[r:r + 1], mask,
+                              **kwargs)[0])
+    return torch.cat(outs, 0), None
 
 
 @functools.lru_cache(maxsize=1)
@@ -298,6 +329,10 @@ def _interpreted() -> bool:
 
 def _exact_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                 is_causal=None, **kwargs):
+    if (query.shape[2] == 1 and query.shape[0] > 1 and getattr(_rows, "apart", False)
+            and (query.device.type not in DEVICE_TYPES or kernel() == "sdpa")):
+        return _row_by_row(module, query, key, value, attention_mask, dropout=dropout,
+                           scaling=scaling, is_causal=is_causal, **kwargs)
     if (query.shape[2] != 1 or query.device.type not in DEVICE_TYPES or dropout
             or kernel() == "sdpa"
             or any(kwargs.get(k) is not None for k in ("position_bias", "softcap", "s_aux", "sinks", "head_mask"))

@@ -6,6 +6,12 @@ Breakpoints pause the whole batch (the forward pass is shared); the paused tenso
 [rows, positions, width] in padded coordinates. Steering rules act on every row, or on
 the rows a rule names (``steer(..., rows=[...])``). Rules with explicit positions are
 refused for batches: positions differ per row once prompts are padded.
+
+With the model's decode scheduler on (kernel_server/runtime/scheduler.py) and no
+breakpoint set, the rows ride the engine instead: each row is prefilled alone (no
+padding: the bits of its solo prefill), then decodes as a row of the model's batched step
+beside every other session, with its own rules; so each row's tokens and logits are
+bit-identical to the same prompt generated alone on the engine.
 """
 from __future__ import annotations
 
@@ -13,8 +19,12 @@ import time
 
 import torch
 
+from dataclasses import replace
+
 from djinn_protocol.errors import InvalidArgumentError
+from kernel_server.runtime import scheduler
 from kernel_server.runtime.generation import GenerationRun, GenState, _eos_ids
+from kernel_server.model.interventions import Interventions
 from kernel_server.model.registry import LoadedModel
 
 
@@ -44,6 +54,10 @@ class BatchRun(GenerationRun):
                               "the row you want to keep on its own, then checkpoint it")
 
     def _decode_loop(self) -> None:
+        sched = scheduler.scheduler_for(self.loaded)
+        if (sched is not None and self.step == 0 and not self.interventions.breakpoints
+                and self.step_target is None):
+            return self._decode_on_engine(sched)
         from transformers import DynamicCache
         loaded, cfg = self.loaded, self.config
         model, device = loaded.model, loaded.device
@@ -92,6 +106,83 @@ class BatchRun(GenerationRun):
             next_input = picked.view(self.rows, 1)
             mask = torch.cat([mask, torch.ones((self.rows, 1), dtype=mask.dtype, device=device)], 1)
         self.stop_reason = "length"
+
+    def _row_run(self, b: int) -> GenerationRun:
+        """Row ``b`` as a run of its own (never started: this worker drives it): its prompt
+        unpadded and the rules that act on it, as a solo session would have them."""
+        rules = [replace(r, rows=None) for r in self.interventions.rules
+                 if r.rows is None or b in r.rows]
+        state = GenState.fresh(self.row_prompts[b], replace(self.config, seed=self.seed))
+        return GenerationRun(self.loaded, state, Interventions([], rules))
+
+    def _decode_on_engine(self, sched) -> None:
+        """Every row prefilled alone, then decoded as rows of the model's batched step."""
+        from transformers import DynamicCache
+        loaded, cfg = self.loaded, self.config
+        model, device = loaded.model, loaded.device
+        eos = _eos_ids(loaded)
+        runs = [self._row_run(b) for b in range(self.rows)]
+        members: dict = {}
+        try:
+            while self.step < cfg.max_new_tokens:
+                if self.interrupted.is_set():
+                    self.stop_reason = "interrupted"
+                    return
+                live = [b for b in range(self.rows) if not self.row_done[b]]
+                t0 = time.perf_counter()
+                logits = {}
+                if self.step == 0:
+                    for b in live:                 # each row's own prefill: its solo bits
+                        run = runs[b]
+                        run._phase, run._fired_rules = "prefill", []
+                        run.cache = DynamicCache(config=model.config)
+                        ids = torch.tensor([run.tokens], device=device)
+                        with loaded.compute_lock, loaded.hooks.active(run):
+                            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        use_cache=True, logits_to_keep=1,
+                                        **{loaded.cache_kwarg: run.cache})
+                        logits[b] = out.logits[:, -1, :]
+                else:
+                    for b in live:
+                        run = runs[b]
+                        run._phase, run._fired_rules = "decode", []
+                        if b not in members:
+                            members[b] = sched.join(run)
+                    sched.submit([members[b] for b in live])
+                    for b in live:
+                        logits[b] = members[b].collect()
+                ms = (time.perf_counter() - t0) * 1e3
+                for b in live:
+                    row = logits[b]
+                    token = self._pick(row)
+                    top_p, top_i = torch.softmax(row.float(), dim=-1).topk(cfg.record_top_k)
+                    token_id = int(token)
+                    run = runs[b]
+                    if cfg.return_logits:
+                        self.row_logits[b].append(row[0].float().cpu().numpy())
+                    self.row_tokens[b].append(token_id)
+                    self.row_records[b].append({
+                        "step": self.step, "token_id": token_id,
+                        "text": loaded.tokenizer.decode([token_id]),
+                        "top_ids": top_i[0].tolist(), "top_probs": top_p[0].tolist(),
+                        "forward_ms": ms, "paused_ms": 0.0, "breakpoints": [],
+                        "rules": list(run._fired_rules)})
+                    run.tokens.append(token_id)
+                    run.step += 1
+                    if cfg.stop_at_eos and token_id in eos:
+                        self.row_done[b], self.row_stop[b] = True, "eos"
+                        if b in members:
+                            sched.leave(members.pop(b))
+                self.records.append({"step": self.step})
+                self.tokens.append(self.row_tokens[0][-1] if self.row_tokens[0] else 0)
+                self.step += 1
+                if all(self.row_done):
+                    self.stop_reason = "eos"
+                    return
+            self.stop_reason = "length"
+        finally:
+            for m in members.values():
+                sched.leave(m)
 
     def result(self) -> dict:
         import numpy as np

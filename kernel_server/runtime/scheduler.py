@@ -8,22 +8,30 @@ need only (prompt + max_new_tokens, rounded up to a power of two as fast decode'
 are). Each row keeps its own positions from 0 (its own write position, its own position
 ids, its own mask), so a row's numbers never depend on which row it sits in, who else is
 in the lane or when they joined or left: no kernel sees another shape, and no reduction
-sees the row's values at another offset. What this costs a solo session is measured in
-bench/tenants_bench.py.
+sees the row's values at another offset (on CUDA the decode attention is the split-KV
+kernel of kernel_server/model/exact_attention.py, batch-invariant and reading each row's
+extent only; on CPU the lane's attention runs row by row, ``exact_attention.rows_apart``).
+What this costs a solo session is measured in bench/tenants_bench.py (docs/sharing.md).
 
 Who runs where:
 - the prefill of a joining session runs eagerly in its own worker (the ordinary
   DynamicCache path, the same bits as without the engine), under the model's compute
   lock: it stalls the running sessions for one prefill (counted in ``stats``);
 - then the session *joins* a lane row (its keys and values copied in) and each decode
-  step is a request to the scheduler loop, which runs one forward for all rows that
-  asked, applying each row's standing rules (any site) to that row's slice with the same
-  ``apply_edit`` the eager hooks use (elementwise: the same bits on a slice);
-- a step that may pause (a breakpoint or ``step()`` target on it) runs *outside* the
-  batch, in the session's own worker, as a forward of the same fixed shape on the same
-  lane that writes only the session's row: the session's hooks see its row, it pauses,
-  edits and resumes as always, and its row gets the bits the batch would have given it.
-  While it is paused (compute lock released) the loop keeps serving the other rows;
+  step is a request to the scheduler; once every row expected in the batch has asked,
+  the scheduler's loop thread runs one step for all of them: on CUDA the replay of
+  the lane's CUDA graph for its *program* of rules, without graphs the same forward run
+  eagerly. Each row's standing rules (scale / add / set at resid, attn and mlp,
+  step-limited, on explicit positions, and expressions) live in per-row device buffers
+  (kernel_server/runtime/lane_rules.py): a ``steer()`` that changes values rewrites its
+  row's buffers, only a new kind of rule makes a new program (captured once per lane);
+- a step that may pause (a breakpoint or ``step()`` target on it), or that has a rule a
+  lane program cannot apply (a heads or ``module:`` site, a plugin, an expression that
+  cannot be captured, a vector per position), runs *outside* the batch, in the session's
+  own worker, as an eager forward of the same fixed shape on the same lane that writes
+  only the session's row (padding rows write a scratch column): the session's hooks see
+  its row, it pauses, edits and resumes as always, and its row gets the bits the batch
+  would have given it. While it is paused (compute lock released) the others go on;
 - when the run ends its row's keys and values move back into a DynamicCache and the row
   is free (checkpoints, forks and restores of a finished run never see a lane).
 
@@ -35,8 +43,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 import torch
+
+from kernel_server.model import exact_attention
+from kernel_server.runtime.lane_rules import (ProgramBuffers, build_program, covers,
+                                              expression_capturable, row_sequences)
 
 log = logging.getLogger("kernel_server.runtime.scheduler")
 
@@ -44,6 +57,10 @@ MODES = ("off", "on")
 _mode = os.environ.get("DJINN_TENANTS", "off")
 #: rows of every batched decode step (the fixed batch shape)
 ROWS = int(os.environ.get("DJINN_TENANT_ROWS", "8"))
+#: capture each lane program's batched step in a CUDA graph (on CUDA; "0": eager lane steps)
+GRAPHS = os.environ.get("DJINN_TENANT_GRAPHS", "1") != "0"
+MAX_PROGRAMS_PER_LANE = 8   # rule programs (each its buffers and graph) kept per lane
+WARMUP_STEPS = 2            # eager forwards on the capture stream before capturing
 
 
 def set_mode(mode: str) -> None:
@@ -82,7 +99,7 @@ def _bucket(need: int) -> int:
 # ---- the key/value store of a lane, and the cache object one forward sees -----------------
 def _row_layer(keys: torch.Tensor, values: torch.Tensor):
     """One layer of one row as a checkpoint reads it: a StaticLayer whose ``keys`` and
-    ``values`` [1, heads, max_len, dim] are views into the lane (kv_slices cuts them)."""
+    ``values`` [1, heads, positions, dim] are views into the lane (kv_slices cuts them)."""
     from transformers.cache_utils import StaticLayer
     layer = StaticLayer(max_cache_len=keys.shape[-2])
     layer.keys, layer.values = keys, values
@@ -100,44 +117,63 @@ class RowCache:
 
 
 class _StepCache:
-    """The cache argument of one lane forward: ``update`` writes the new keys and values
-    of the rows in ``write`` at each row's own position and returns the whole lane."""
+    """The cache argument of one lane forward: ``update`` writes every row's new keys and
+    values at that row's write position (a padding row writes the scratch column) and
+    returns the whole lane. No host value is read: a CUDA graph captures it."""
 
-    def __init__(self, lane: "Lane", write_rows: torch.Tensor, write_pos: torch.Tensor):
+    def __init__(self, lane: "Lane", write: torch.Tensor):
         self.lane = lane
-        self.write_rows = write_rows
-        self.write_pos = write_pos
+        self.write = write
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        keys, values = self.lane.keys[layer_idx], self.lane.values[layer_idx]
-        rows, pos = self.write_rows, self.write_pos
-        keys[rows, :, pos] = key_states[rows, :, 0].to(keys.dtype)
-        values[rows, :, pos] = value_states[rows, :, 0].to(values.dtype)
+        lane = self.lane
+        keys, values = lane.keys[layer_idx], lane.values[layer_idx]
+        keys[lane.row_index, :, self.write] = key_states[:, :, 0].to(keys.dtype)
+        values[lane.row_index, :, self.write] = value_states[:, :, 0].to(values.dtype)
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return 0          # never used: the lane forward passes position ids
+        return 0          # never used: the lane forward passes position ids and a 4-D mask
+
+
+@dataclass(eq=False)      # compared by identity (holds tensors)
+class _LaneGraph:
+    """One program of a lane: its rule buffers and, on CUDA, its captured step."""
+    buffers: ProgramBuffers
+    graph: object = None          # torch.cuda.CUDAGraph (None: the step runs eagerly)
+    logits: torch.Tensor | None = None
 
 
 class Lane:
-    """``rows`` rows of keys and values, ``max_len`` positions each, per layer."""
+    """``rows`` rows of keys and values, ``max_len`` positions each (plus one scratch
+    column that padding rows write to), per layer; the static inputs of a batched step;
+    the programs (rule buffers, graphs) captured for it."""
 
     def __init__(self, loaded, rows: int, max_len: int, like: list):
         self.loaded = loaded
         self.rows = rows
         self.max_len = max_len
+        self.scratch = max_len          # the column padding rows write and attend to
+        width = max_len + 1
         self.keys, self.values = [], []
         for k, v in like:         # (keys, values) [1, heads, n, dim] of a joining run
-            self.keys.append(torch.zeros((rows, k.shape[1], max_len, k.shape[3]),
+            self.keys.append(torch.zeros((rows, k.shape[1], width, k.shape[3]),
                                          dtype=k.dtype, device=k.device))
-            self.values.append(torch.zeros((rows, v.shape[1], max_len, v.shape[3]),
+            self.values.append(torch.zeros((rows, v.shape[1], width, v.shape[3]),
                                            dtype=v.dtype, device=v.device))
         self.members: list = [None] * rows
         device = loaded.device
-        self._positions = torch.arange(max_len, device=device)
-        self._pad = torch.zeros((1, 1), dtype=torch.long, device=device)
+        self.row_index = torch.arange(rows, device=device)
+        self._positions = torch.arange(width, device=device)
+        #: a batched step's inputs per row: token id, position id, write position, first
+        #: attended position (a CUDA graph reads them here)
+        self.inputs = torch.zeros((4, rows), dtype=torch.long, device=device)
         eager = getattr(loaded.model.config, "_attn_implementation", None) == "eager"
         self._additive = eager       # eager attention adds its mask; sdpa takes a bool one
+        self.programs: dict = {}     # program -> _LaneGraph (insertion order = LRU)
+        self.program: tuple | None = None
+        self.stream = (torch.cuda.Stream(device=device)
+                       if torch.device(device).type == "cuda" else None)
 
     def free_row(self) -> int | None:
         for r, m in enumerate(self.members):
@@ -145,59 +181,60 @@ class Lane:
                 return r
         return None
 
-    def forward(self, inputs: dict, target) -> torch.Tensor:
-        """One decode step of shape [rows, 1]: ``inputs`` maps row -> (token [1, 1], the
-        row's length before the step); other rows are padding (a zero token at position
-        0, attending to position 0, nothing written). Returns logits [rows, vocab]."""
-        loaded, device = self.loaded, self.loaded.device
-        ids = torch.cat([inputs[r][0].view(1, 1).to(device) if r in inputs else self._pad
-                         for r in range(self.rows)])
-        lengths = [inputs[r][1] if r in inputs else 0 for r in range(self.rows)]
-        pos = torch.tensor(lengths, dtype=torch.long, device=device)
-        mask = (self._positions[None, :] <= pos[:, None]).view(self.rows, 1, 1, self.max_len)
+    def step_inputs(self, rows: dict) -> torch.Tensor:
+        """The [4, rows] inputs of a step for ``rows`` (row -> (token id, the row's length
+        before the step)) on the host; every other row is padding (token 0 at position 0,
+        writing and attending to the scratch column only)."""
+        ids, pos = [0] * self.rows, [0] * self.rows
+        write, first = [self.scratch] * self.rows, [self.scratch] * self.rows
+        for r, (token_id, length) in rows.items():
+            ids[r], pos[r], write[r], first[r] = token_id, length, length, 0
+        return torch.tensor([ids, pos, write, first], dtype=torch.long)
+
+    def forward(self, inputs: torch.Tensor, target) -> torch.Tensor:
+        """One decode step of shape [rows, 1] from ``inputs`` (``step_inputs`` on the
+        device) with the model's hooks dispatched to ``target``; logits [rows, vocab]. A
+        batched step reads ``self.inputs`` (captured once per program); a step outside the
+        batch passes its own tensor, so a batched step meanwhile cannot change its inputs."""
+        loaded = self.loaded
+        ids, pos = inputs[0].view(self.rows, 1), inputs[1].view(self.rows, 1)
+        write, first = inputs[2], inputs[3]
+        ar = self._positions[None, :]
+        mask = ((ar >= first[:, None]) & (ar <= write[:, None])).view(self.rows, 1, 1, -1)
         if self._additive:
-            mask = torch.zeros(mask.shape, dtype=loaded.dtype, device=device).masked_fill(
+            mask = torch.zeros(mask.shape, dtype=loaded.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(loaded.dtype).min)
-        write = sorted(inputs)
-        cache = _StepCache(self, torch.tensor(write, dtype=torch.long, device=device),
-                           torch.tensor([lengths[r] for r in write], dtype=torch.long, device=device))
-        with loaded.hooks.active(target):
-            out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos.view(-1, 1),
+        cache = _StepCache(self, write)
+        with loaded.hooks.active(target), exact_attention.rows_apart():
+            out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                use_cache=True, logits_to_keep=1, **{loaded.cache_kwarg: cache})
         return out.logits[:, -1, :]
 
+    def entry(self, program: tuple) -> _LaneGraph:
+        """The graph entry of ``program`` (made on first use; least recently used dropped)."""
+        entry = self.programs.pop(program, None)
+        if entry is None:
+            loaded = self.loaded
+            entry = _LaneGraph(ProgramBuffers(program, self.rows, loaded.hidden_size,
+                                              loaded.device, loaded.dtype))
+            while len(self.programs) >= MAX_PROGRAMS_PER_LANE:
+                old = self.programs.pop(next(iter(self.programs)))
+                if old.graph is not None:
+                    old.graph.reset()
+        self.programs[program] = entry
+        return entry
 
-# ---- the hook targets of a lane forward ----------------------------------------------------
-class _BatchTarget:
-    """The hook target of a batched step: each row's standing rules on that row's slice."""
-
-    def __init__(self, members: dict):
-        self.members = members          # row -> Member
-        layers, sites = set(), set()
-        for m in members.values():
-            for rule in m.run.interventions.rules:
-                if rule.site == "resid":
-                    layers.add(rule.layer)
-                else:
-                    sites.add((rule.layer, rule.site))
-        self.hot_layers = frozenset(layers)
-        self.hot_sites = frozenset(sites)
-
-    def on_site(self, layer: int, site: str, hidden: torch.Tensor):
-        out = None
-        for row, member in self.members.items():
-            sub = hidden[row:row + 1]
-            new = member.run.apply_rules(layer, site, sub)
-            if new is not sub:
-                if out is None:
-                    out = hidden.clone()
-                out[row] = new[0]
-        return out
+    def drop(self) -> None:
+        for entry in self.programs.values():
+            if entry.graph is not None:
+                entry.graph.reset()
+        self.programs.clear()
 
 
+# ---- the hook target of a step outside the batch ---------------------------------------------
 class _RowTarget:
-    """The hook target of a step outside the batch: the run's own hooks (rules, breakpoints,
-    pauses) on its row's slice."""
+    """The run's own hooks (rules, breakpoints, pauses) on its row's slice (a [1, 1, width]
+    copy, as a lane program's expression sees it)."""
 
     def __init__(self, run, row: int):
         self.run, self.row = run, row
@@ -213,11 +250,12 @@ class _RowTarget:
 
     def on_site(self, layer: int, site: str, hidden: torch.Tensor):
         r = self.row
-        new = self.run.on_site(layer, site, hidden[r:r + 1])
+        mine = hidden[r:r + 1].clone()
+        new = self.run.on_site(layer, site, mine)
         if new is None:
             return None
         out = hidden.clone()
-        out[r] = new[0]
+        out[r:r + 1] = new
         return out
 
 
@@ -231,26 +269,33 @@ class Member:
         self.done = threading.Event()
         self.logits = None
         self.error: BaseException | None = None
+        self.seqs: dict = {}              # this step's rules as lane program slots
+        self._own = None                  # logits of a step run outside the batch
 
     def forward(self, next_input: torch.Tensor) -> torch.Tensor:
         """This step's logits [1, vocab]: in the batch, or outside it when the step may
-        pause. Called by the run's worker without the compute lock."""
+        pause or has a rule a lane step cannot apply. Called by the run's worker without
+        the compute lock; ``next_input`` is ``run.tokens[-1]``."""
+        self.scheduler.submit([self])
+        return self.collect()
+
+    def own_step(self) -> torch.Tensor:
+        """This step outside the batch (same shape, only this row written), with the run's
+        own hooks: it may pause; the compute lock is released while it is paused."""
         run, sched = self.run, self.scheduler
-        if needs_own_step(run):
-            sched.stats["own_steps"] += 1
-            with sched.cond:                 # not expected in the batch meanwhile
-                sched.expected.discard(self)
-                sched.cond.notify_all()
-            with run.loaded.compute_lock:
-                logits = self.lane.forward({self.row: (next_input, self.length)},
-                                           _RowTarget(run, self.row))[self.row:self.row + 1]
-            self.length += 1
+        sched.stats["own_steps"] += 1
+        with run.loaded.compute_lock:
+            inputs = self.lane.step_inputs({self.row: (int(run.tokens[-1]), self.length)})
+            logits = self.lane.forward(inputs.to(run.loaded.device),
+                                       _RowTarget(run, self.row))[self.row:self.row + 1]
+        self.length += 1
+        return logits
+
+    def collect(self) -> torch.Tensor:
+        """Wait for the step ``DecodeScheduler.submit`` asked for; its logits [1, vocab]."""
+        if self._own is not None:
+            logits, self._own = self._own, None
             return logits
-        self.done.clear()
-        with sched.cond:
-            sched.expected.add(self)
-            sched.pending[self] = next_input
-            sched.cond.notify_all()
         self.done.wait()
         if self.error is not None:
             error, self.error = self.error, None
@@ -280,11 +325,64 @@ class DecodeScheduler:
         self.unsupported = _unsupported(loaded)
         self.lanes: list[Lane] = []
         self.cond = threading.Condition()
-        self.pending: dict = {}           # Member -> next input token
+        self.pending: dict = {}           # Member -> next input token id
         self.expected: set = set()        # members whose next step is a batch request
         self.stats = {"batched_steps": 0, "rows_stepped": 0, "own_steps": 0, "joins": 0,
-                      "max_rows": 0}
+                      "max_rows": 0, "graph_steps": 0, "captures": 0, "capture_failures": 0}
+        cuda = torch.device(loaded.device).type == "cuda"
+        self.use_graphs = cuda and GRAPHS
+        self.graphs_broken: str | None = None     # a capture failed: lane steps run eagerly
+        self._expr_ok: dict = {}          # expression structure -> None (capturable) or why not
         self._thread: threading.Thread | None = None
+
+    def graphable(self, seqs: dict) -> bool:
+        """Whether every expression slot of ``seqs`` can be captured (CPU: always: nothing is
+        captured there); probed once per expression structure."""
+        if not self.use_graphs:
+            return True
+        for seq in seqs.values():
+            for kind, rule in seq:
+                if kind[0] != "expr":
+                    continue
+                key = kind[2]
+                if key not in self._expr_ok:
+                    with self.loaded.compute_lock:
+                        why = expression_capturable(rule.op.expr, self.loaded.hidden_size,
+                                                    self.loaded.device, self.loaded.dtype)
+                    if why is not None:
+                        log.info("expression %s steps outside the batch: %s",
+                                 rule.op.expr.describe()[:120], why)
+                    self._expr_ok[key] = why
+                if self._expr_ok[key] is not None:
+                    return False
+        return True
+
+    def submit(self, members: list) -> None:
+        """Ask for the next step of each of ``members`` (their runs' last token is the
+        input); ``Member.collect`` gets each one's logits. Steps that may pause or have a
+        rule a lane step cannot apply run outside the batch, here, one by one; the others
+        join the batch together (one batched step for a batch call's rows)."""
+        batched = []
+        for m in members:
+            run = m.run
+            seqs = None if needs_own_step(run) else row_sequences(run, m.row)
+            if seqs is not None and not self.graphable(seqs):
+                seqs = None
+            if seqs is None:
+                with self.cond:                 # not expected in the batch meanwhile
+                    self.expected.discard(m)
+                    self.cond.notify_all()
+                m._own = m.own_step()
+            else:
+                m.seqs, m._own = seqs, None
+                m.done.clear()
+                batched.append(m)
+        if batched:
+            with self.cond:
+                for m in batched:
+                    self.expected.add(m)
+                    self.pending[m] = int(m.run.tokens[-1])
+                self.cond.notify_all()
 
     # ---- joining and leaving (run workers) ---------------------------------------------
     def join(self, run) -> Member:
@@ -332,6 +430,7 @@ class DecodeScheduler:
             if all(m is None for m in lane.members) and sum(
                     1 for l in self.lanes if l.max_len == lane.max_len) > 1:
                 self.lanes.remove(lane)         # keep one empty lane per size for the next run
+                lane.drop()
             self.cond.notify_all()
 
     # ---- the loop ------------------------------------------------------------------------
@@ -341,28 +440,88 @@ class DecodeScheduler:
         return bool(self.pending) and self.expected.issubset(self.pending)
 
     def _loop(self) -> None:
+        # (a variant where the last member to ask ran the step in its own thread, with no
+        # hand-off, measured slower on the H200 with 8 clients: 311 vs 390 tokens/s, and no
+        # faster alone; docs/results/gpu_runs/2026-11-30_h200_tenants_inline_variant.log)
         with torch.inference_mode():
             while True:
                 with self.cond:
                     while not self._ready():
                         self.cond.wait()
                     batch, self.pending = self.pending, {}
-                by_lane: dict = {}
-                for member, token in batch.items():
-                    by_lane.setdefault(member.lane, {})[member.row] = member
-                for lane, members in by_lane.items():
-                    try:
-                        with self.loaded.compute_lock:
-                            logits = lane.forward({r: (batch[m], m.length) for r, m in members.items()},
-                                                  _BatchTarget(members))
-                        for r, m in members.items():
-                            m.logits = logits[r:r + 1]
-                    except BaseException as exc:      # fail the rows of this step, keep serving
-                        log.exception("batched decode step failed")
-                        for m in members.values():
-                            m.error = exc
-                    self.stats["batched_steps"] += 1
-                    self.stats["rows_stepped"] += len(members)
-                    self.stats["max_rows"] = max(self.stats["max_rows"], len(members))
-                    for m in members.values():
-                        m.done.set()
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: dict) -> None:
+        """One batched step per lane for the members of ``batch`` (Member -> token id)."""
+        by_lane: dict = {}
+        for member in batch:
+            by_lane.setdefault(member.lane, {})[member.row] = member
+        for lane, members in by_lane.items():
+            try:
+                with self.loaded.compute_lock:
+                    logits = self._step(lane, members, batch)
+                for r, m in members.items():
+                    m.logits = logits[r:r + 1]
+            except BaseException as exc:      # fail the rows of this step, keep serving
+                log.exception("batched decode step failed")
+                for m in members.values():
+                    m.error = exc
+            self.stats["batched_steps"] += 1
+            self.stats["rows_stepped"] += len(members)
+            self.stats["max_rows"] = max(self.stats["max_rows"], len(members))
+            for m in members.values():
+                m.done.set()
+
+    def _step(self, lane: Lane, members: dict, tokens: dict) -> torch.Tensor:
+        """One batched step of ``members`` (row -> Member) on ``lane``: the program that
+        covers their rules, their values and flags bound, the inputs copied, the graph
+        replayed (captured first when new) or, without graphs, the same step run eagerly."""
+        needs = [m.seqs for m in members.values()]
+        program = lane.program
+        if program is None or not covers(program, needs):
+            # a new program for the rows of the lane now (new kinds of rules joined)
+            program = build_program(needs + [m.seqs for m in lane.members
+                                             if m is not None and m.row not in members])
+            lane.program = program
+        entry = lane.entry(program)
+        for m in lane.members:          # rows not in this step: their values, for a capture
+            if m is not None and m.row not in members:
+                entry.buffers.prepare(m.row, m.seqs)
+        for r, m in members.items():
+            m.run.add_fired_rules(entry.buffers.bind(r, m.seqs, m.run.step, m.length))
+        lane.inputs.copy_(lane.step_inputs({r: (tokens[m], m.length) for r, m in members.items()}))
+        if entry.graph is None and self.use_graphs and not self.graphs_broken:
+            self._capture(lane, entry)
+        if entry.graph is not None:
+            with torch.cuda.device(self.loaded.device):
+                entry.graph.replay()
+            self.stats["graph_steps"] += 1
+            logits = entry.logits
+        else:
+            logits = lane.forward(lane.inputs, entry.buffers.proxy)
+        return logits.clone()       # the graph's output is overwritten by the next replay
+
+    def _capture(self, lane: Lane, entry: _LaneGraph) -> None:
+        """Capture one batched step of ``entry``'s program (inputs already bound). The
+        warm-up forwards write this step's keys and values, which the replay that follows
+        writes again, the same."""
+        device = self.loaded.device
+        current = torch.cuda.current_stream(device)
+        try:
+            with torch.cuda.device(device):
+                lane.stream.wait_stream(current)
+                with torch.cuda.stream(lane.stream):
+                    for _ in range(WARMUP_STEPS):
+                        lane.forward(lane.inputs, entry.buffers.proxy)
+                current.wait_stream(lane.stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=lane.stream, capture_error_mode="thread_local"):
+                    logits = lane.forward(lane.inputs, entry.buffers.proxy)
+            entry.graph, entry.logits = graph, logits
+            self.stats["captures"] += 1
+        except Exception as exc:  # never fail a generation for the fast path: step eagerly
+            self.stats["capture_failures"] += 1
+            self.graphs_broken = f"{type(exc).__name__}: {exc}"
+            log.warning("lane CUDA graph capture failed for %s, stepping eagerly: %s",
+                        self.loaded.name, self.graphs_broken)
+            torch.cuda.synchronize(device)

@@ -119,6 +119,43 @@ def test_fused_kernel_under_a_cuda_graph_follows_the_mask_of_each_replay():
             q, k[:, :, :extent].contiguous(), v[:, :, :extent].contiguous(), None, 0.1))
 
 
+def test_rows_apart_makes_cpu_single_query_attention_independent_of_the_slot():
+    """Inside ``rows_apart()`` (the engine's lane steps) a CPU single-query call with several
+    rows runs row by row: a row's bits are the same in every slot of the batch, the other
+    rows being lane padding (attending to one scratch position). Without it, on the 2-core
+    CI machine, rows in slots 4-7 differ from slots 0-3 in the last bits (PyTorch splits
+    the batch over its threads)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    exact_attention.install()
+    if not exact_attention.installed():
+        pytest.skip("DJINN_EXACT_DECODE_ATTENTION=0: the wrapper is not installed")
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    rows, heads, kv_heads, n, dim, extent = 8, 4, 2, 257, 16, 11
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = False, heads // kv_heads
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(rows, heads, 1, dim, generator=gen)
+    k = torch.randn(rows, kv_heads, n, dim, generator=gen)
+    v = torch.randn(rows, kv_heads, n, dim, generator=gen)
+
+    def in_slot(slot):
+        mask = torch.zeros(rows, 1, 1, n, dtype=torch.bool)
+        mask[..., n - 1] = True                       # padding rows: the scratch column
+        mask[slot] = False
+        mask[slot, ..., :extent] = True
+        qq, kk, vv = q.clone(), k.clone(), v.clone()
+        qq[slot], kk[slot], vv[slot] = q[0], k[0], v[0]
+        with exact_attention.rows_apart():
+            out = sdpa(module, qq, kk, vv, mask, dropout=0.0, scaling=dim ** -0.5)[0]
+        assert out.shape == (rows, 1, heads, dim)
+        return out[slot]
+    first = in_slot(0)
+    for slot in range(1, rows):
+        assert torch.equal(in_slot(slot), first), f"slot {slot}"
+    ref = reference(q[:1], k[:1], v[:1], extent, dim ** -0.5)
+    assert torch.allclose(first.double(), ref[0], atol=1e-5)
+
+
 # ---- the relations info() states, checked through a server Session ------------------------------
 CASES = [("tiny-llama", DEVICE, "float32")] + [
     pytest.param("random:llama-1b", "cuda", "bfloat16",

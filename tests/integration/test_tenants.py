@@ -4,6 +4,12 @@ tokens and logits are bit-identical to its solo run through the engine, whoever 
 whichever row it lands in, whenever the others join or leave, across pauses, edits,
 checkpoints and restores.
 
+Also: standing rules inside the batched step (lane programs with per-row buffers: scale,
+add, step-limited, explicit positions, intervention expressions) equal the eager hooks of a
+step outside the batch; a slider move captures nothing again; batch calls' rows and forks
+of one checkpoint resumed together ride the engine with their solo bits. On CUDA the
+batched steps are CUDA graph replays (``stats["graph_steps"]``).
+
 "Solo" means the same engine with nobody else in the lane: every engine step runs in one
 fixed shape (the scheduler's ROWS rows, padding included), so a solo run is the reference.
 Against the engine off (a DynamicCache per run) the numbers agree to rounding only (the
@@ -116,20 +122,23 @@ def test_clients_with_different_rules_get_their_solo_bits(server, kernel, model_
 
 
 def test_a_row_gets_the_same_bits_in_any_row_of_the_lane(server, kernel, model_name):
+    """Paused sessions hold rows 0, 1, ...: the same run lands in row 3, then in the last
+    row (the two halves of the batch: on CPU, PyTorch's attention splits a batch over
+    threads by halves; the lane runs it row by row, exact_attention.rows_apart)."""
     solo = _solo(server, model_name, PROMPTS[1], 2)          # alone: lane row 0
+    last = scheduler.ROWS - 1
     with dj.connect(server.address) as c:
         holders = []
-        for prompt in PROMPTS[:3]:        # three paused sessions hold rows 0, 1, 2
+        for i in range(last):          # paused sessions hold rows 0 .. last - 1
             h = c.session(model=model_name)
             h.breakpoint(layer=0, steps=[3])
-            assert isinstance(h.generate(prompt, max_new_tokens=N), dj.Paused)
+            assert isinstance(h.generate(PROMPTS[i % len(PROMPTS)], max_new_tokens=N), dj.Paused)
             holders.append(h)
-        loaded = _loaded(kernel, model_name)
-        lane = next(l for l in loaded.decode_scheduler.lanes if any(l.members))
-        taken = [r for r, m in enumerate(lane.members) if m is not None]
-        assert len(taken) == 3
-        moved = _solo(server, model_name, PROMPTS[1], 2)     # lands in row 3 now
-        _same(moved, solo)
+            if i + 1 in (3, last):
+                lane = next(l for l in _loaded(kernel, model_name).decode_scheduler.lanes
+                            if any(l.members))
+                assert [r for r, m in enumerate(lane.members) if m is not None] == list(range(i + 1))
+                _same(_solo(server, model_name, PROMPTS[1], 2), solo)   # lands in row i + 1
         for h in holders:
             assert h.state == "paused"
             assert h.resume(ignore_breakpoints=True).finished
@@ -187,7 +196,7 @@ def test_steps_outside_the_batch_while_others_decode(server, model_name):
         _same(together[i], solo[i])
 
 
-def test_checkpoint_inside_a_batched_run_restores_exactly(server, model_name):
+def test_checkpoint_inside_a_batched_run_restores_exactly(server, kernel, model_name):
     layer, k = _layer(model_name), 5
     base = _solo(server, model_name, PROMPTS[0], 2)
     others = [(PROMPTS[1], 1, 2 * N), (PROMPTS[2], 0, 2 * N)]
@@ -213,10 +222,43 @@ def test_checkpoint_inside_a_batched_run_restores_exactly(server, model_name):
         t.join(timeout=600)
         for i in range(len(others)):
             _same(result[i], solo_others[i])
-        # ... and into a fork, alone
+        # ... into a fork, alone ...
         f = s.fork(ck)
         f.clear_breakpoints()
         _same(f.resume().result, base)
+        import tempfile
+        from pathlib import Path
+        path = Path(tempfile.mkdtemp(prefix="djinn-ck-")) / "ck.djckpt"
+        ck.save(path)
+    # ... and into three runs resumed together, rows of the same batched steps
+    sched = _loaded(kernel, model_name).decode_scheduler
+    clients = [dj.connect(server.address) for _ in range(3)]
+    try:
+        runs = []
+        for cl in clients:
+            r = cl.load_checkpoint(path).session
+            r.clear_breakpoints()
+            runs.append(r)
+        before = dict(sched.stats)
+        out: dict = {}
+        start = threading.Barrier(len(runs))
+
+        def one(i, r):
+            start.wait(timeout=120)
+            out[i] = r.resume().result
+        threads = [threading.Thread(target=one, args=(i, r)) for i, r in enumerate(runs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+    finally:
+        for cl in clients:
+            cl.close()
+    for i in range(len(runs)):
+        _same(out[i], base)
+    stats = sched.stats
+    assert stats["rows_stepped"] - before["rows_stepped"] == len(runs) * (N - k)
+    assert stats["batched_steps"] - before["batched_steps"] < len(runs) * (N - k)
 
 
 def test_a_pause_without_an_edit_equals_no_breakpoint_and_an_edit_equals_a_rule(server, model_name):
@@ -265,3 +307,222 @@ def test_step_to_the_next_layer_and_token_inside_an_engine_run(server, model_nam
         ev = s.step(to="token")
         assert (ev.layer, ev.step) == (layer, 3)
         _same(s.resume().result, base)
+
+
+# ---- standing rules inside the batched step (lane programs: kernel_server/runtime/lane_rules.py)
+def _unit(width: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(width).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _expression_rules(s, kind: int, layer: int):
+    """Expression rules (evaluated by the lane program on the row's slice, with the
+    constants in per-row buffers) beside plain ones."""
+    h = dj.ops.h
+    v = dj.ops.const(_unit(s.hidden_size, kind))
+    if kind == 0:             # direction ablation, then a scale at the same layer
+        s.steer(layer=layer, edit=h - dj.ops.dot(h, v) * v)
+        s.steer(layer=layer, scale=0.75)
+    elif kind == 1:           # a projection added back twice, at the MLP site; a clamp on resid
+        s.steer(layer=layer, site="mlp", edit=h + 2.0 * dj.ops.project(h, v))
+        s.steer(layer=layer - 1, edit=dj.ops.clamp(h, -0.5, 0.5))
+    else:                     # a step-limited expression and a rule on explicit positions
+        s.steer(layer=layer, edit=dj.ops.tanh(h) * 3.0, steps=[2, 4, 7])
+        p0 = len(s.tokenize(PROMPTS[kind % len(PROMPTS)]))
+        s.steer(layer=0, add=np.ones(s.hidden_size, dtype=np.float32), alpha=2.0,
+                positions=[p0 + 1, p0 + 5])
+
+
+def _outside_the_batch(server, name, prompt, setup, n=N):
+    """The same session's run with every decode step outside the batch: a breakpoint on
+    every decode step (no edit), resumed: the run's own eager hooks apply its rules."""
+    with dj.connect(server.address) as c:
+        s = c.session(model=name)
+        setup(s)
+        s.breakpoint(layer=0)
+        ev = s.generate(prompt, max_new_tokens=n, return_logits=True, stop_at_eos=False)
+        while isinstance(ev, dj.Paused):
+            ev = s.resume()
+        return ev.result
+
+
+def test_expression_and_step_limited_rules_run_inside_the_batch_with_their_eager_bits(
+        server, kernel, model_name):
+    """Rows with different expressions (per-row constants), step-limited rules and rules
+    on explicit positions, decoding together in batched steps: each equals the same
+    session's run whose every step ran outside the batch with the eager hooks."""
+    layer = _layer(model_name)
+    jobs = [(PROMPTS[k], k) for k in range(3)]
+    eager = [_outside_the_batch(server, model_name, p,
+                                lambda s, k=k: _expression_rules(s, k, layer)) for p, k in jobs]
+    sched = _loaded(kernel, model_name).decode_scheduler
+    before = dict(sched.stats)
+    out: dict = {}
+    errors: list = []
+    start = threading.Barrier(len(jobs))
+
+    def one(i, prompt, k):
+        try:
+            with dj.connect(server.address) as c:
+                s = c.session(model=model_name)
+                _expression_rules(s, k, layer)
+                start.wait(timeout=120)
+                out[i] = s.generate(prompt, max_new_tokens=N, return_logits=True,
+                                    stop_at_eos=False).result
+        except BaseException as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=one, args=(i, *job)) for i, job in enumerate(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    assert not errors, errors
+    for i in range(len(jobs)):
+        _same(out[i], eager[i])
+    stats = sched.stats
+    # every decode step of the three runs was a row of a batched step (none outside)
+    assert stats["own_steps"] == before["own_steps"]
+    assert stats["rows_stepped"] - before["rows_stepped"] == len(jobs) * (N - 1)
+    if sched.use_graphs:
+        assert stats["capture_failures"] == 0 and not sched.graphs_broken
+        assert stats["graph_steps"] > before["graph_steps"]
+
+
+def test_a_slider_move_rewrites_the_rows_buffers_without_a_new_program(server, kernel, model_name):
+    layer = _layer(model_name)
+    sched = _loaded(kernel, model_name).decode_scheduler
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        results = []
+        for scale in (0.5, 0.25, 0.5):
+            s.clear_steering()
+            s.steer(layer=layer, scale=scale)
+            s.steer(layer=layer, add=np.linspace(-1, 1, s.hidden_size).astype(np.float32) * scale)
+            results.append(s.generate(PROMPTS[0], max_new_tokens=N, return_logits=True,
+                                      stop_at_eos=False).result)
+            if len(results) == 1:
+                lane = next(l for l in sched.lanes if l.program is not None
+                            and any(k == (layer, "resid") for k, _ in l.program))
+                programs, captures = dict(lane.programs), sched.stats["captures"]
+        assert lane.programs.keys() == programs.keys()        # the same program ...
+        assert all(lane.programs[p] is programs[p] for p in programs)   # ... and buffers
+        assert sched.stats["captures"] == captures             # nothing captured again
+    _same(results[2], results[0])
+    assert not np.array_equal(results[1].logits, results[0].logits)
+    ruled = _outside_the_batch(server, model_name, PROMPTS[0], lambda s: (
+        s.steer(layer=layer, scale=0.25),
+        s.steer(layer=layer, add=np.linspace(-1, 1, s.hidden_size).astype(np.float32) * 0.25)))
+    _same(results[1], ruled)
+
+
+def test_a_rule_the_lane_cannot_apply_takes_its_steps_outside_the_batch(server, kernel, model_name):
+    """A rule on one attention head (a heads-site rule: not in lane programs) moves its
+    row's steps outside the batch, with the bits of the run's own eager hooks."""
+    layer = _layer(model_name)
+
+    def setup(s):
+        s.steer(layer=layer, site="heads", head=1, scale=0.0)
+    first = _solo(server, model_name, PROMPTS[0], 0)          # (makes the scheduler)
+    sched = _loaded(kernel, model_name).decode_scheduler
+    before = sched.stats["own_steps"]
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        setup(s)
+        res = s.generate(PROMPTS[1], max_new_tokens=N, return_logits=True, stop_at_eos=False).result
+    assert sched.stats["own_steps"] - before == N - 1
+    assert not np.array_equal(res.logits, _solo(server, model_name, PROMPTS[1], 0).logits)
+    _same(res, _outside_the_batch(server, model_name, PROMPTS[1], setup))
+    assert first.tokens
+
+
+# ---- batch calls and sweeps ride the engine ---------------------------------------------------
+def test_batch_call_rows_ride_the_engine_and_equal_their_solo_runs(server, kernel, model_name):
+    """``generate([p1, ...])``: every row prefilled alone, then a row of the batched step
+    (with a rule on one row only and one on all), beside another client's session: each
+    row's tokens and logits are its solo run's, bit for bit."""
+    layer = _layer(model_name)
+    width = _loaded(kernel, model_name).hidden_size
+    vec = np.linspace(-1, 1, width).astype(np.float32)
+    solo = []
+    for i, p in enumerate(PROMPTS):
+        with dj.connect(server.address) as c:
+            s = c.session(model=model_name)
+            s.steer(layer=layer, scale=0.5)
+            if i == 2:
+                s.steer(layer=layer, add=vec, alpha=4.0)
+            solo.append(s.generate(p, max_new_tokens=N, return_logits=True, stop_at_eos=False).result)
+    other = _solo(server, model_name, PROMPTS[0], 2, n=2 * N)
+    sched = _loaded(kernel, model_name).decode_scheduler
+    before = dict(sched.stats)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(_together(server, model_name, [(PROMPTS[0], 2, 2 * N)])))
+    t.start()
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        s.steer(layer=layer, scale=0.5)
+        s.steer(layer=layer, add=vec, alpha=4.0, rows=[2])
+        batch = s.generate(PROMPTS, max_new_tokens=N, return_logits=True, stop_at_eos=False)
+    t.join(timeout=600)
+    assert isinstance(batch, dj.BatchFinished) and len(batch) == len(PROMPTS)
+    for got, want in zip(batch.results, solo):
+        assert got.prompt_tokens == want.prompt_tokens
+        _same(got, want)
+    _same(out[0], other)
+    stats = sched.stats
+    assert stats["joins"] - before["joins"] == len(PROMPTS) + 1
+    assert stats["own_steps"] == before["own_steps"]
+
+
+def test_forks_of_one_checkpoint_resumed_together_are_rows_of_one_step(server, kernel, model_name):
+    """A sweep: one prefill, a checkpoint, then forks with different scales resumed at once
+    by their clients (a loaded checkpoint file each: a fork is its client's) decode as rows
+    of batched steps; each equals the same fork resumed alone."""
+    layer, scales = _layer(model_name), (0.5, 0.0, 1.0, 2.0)
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        s.breakpoint(layer=0, steps=[1])
+        assert s.generate(PROMPTS[0], max_new_tokens=N, return_logits=True, stop_at_eos=False).paused
+        ck = s.checkpoint().wait()
+        s.stop()
+        alone = []
+        for x in scales:
+            f = s.fork(ck)
+            f.clear_breakpoints()
+            f.steer(layer=layer, add=np.linspace(-1, 1, s.hidden_size).astype(np.float32), alpha=x)
+            alone.append(f.resume().result)
+            f.close()
+        import tempfile
+        from pathlib import Path
+        path = Path(tempfile.mkdtemp(prefix="djinn-sweep-")) / "ck.djckpt"
+        ck.save(path)
+    sched = _loaded(kernel, model_name).decode_scheduler
+    clients = [dj.connect(server.address) for _ in scales]
+    try:
+        forks = []
+        for cl, x in zip(clients, scales):
+            f = cl.load_checkpoint(path).session
+            f.clear_breakpoints()
+            f.steer(layer=layer, add=np.linspace(-1, 1, f.hidden_size).astype(np.float32), alpha=x)
+            forks.append(f)
+        before = dict(sched.stats)
+        out: dict = {}
+        start = threading.Barrier(len(forks))
+
+        def one(i, f):
+            start.wait(timeout=120)
+            out[i] = f.resume().result
+        threads = [threading.Thread(target=one, args=(i, f)) for i, f in enumerate(forks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+    finally:
+        for cl in clients:
+            cl.close()
+    for i in range(len(scales)):
+        _same(out[i], alone[i])
+    assert len({tuple(r.tokens) for r in alone}) > 1 or model_name == "tiny-gpt2"
+    stats = sched.stats
+    assert stats["rows_stepped"] - before["rows_stepped"] == len(scales) * (N - 1)
+    # rows shared steps: fewer batched steps than rows stepped
+    assert stats["batched_steps"] - before["batched_steps"] < len(scales) * (N - 1)
