@@ -5,11 +5,16 @@ at 512 open files and 8 GiB of address space) serves clients that generate and c
 tokens against a solo run, while attackers flood connections, drip handshakes, send
 header-only frames and uploads, leave exports unfetched, sit on bulk ports, load crafted
 checkpoint files and ask for a model too big for the host. At the end a fresh client must
-get its solo tokens, and the server's RSS is compared with its RSS after a warm-up.
+get its solo tokens, and the server's RSS is compared with its RSS at the start: after a 20 s
+warm-up of the same mix (the model's first passes, the first floods' threads); RSS is also
+sampled every ``--sample-s`` seconds, so growth that continues shows apart from a step.
 
     python -m bench.attack_soak --minutes 10      # (not in CI: tests/process/test_attacks.py is)
+    python -m bench.attack_soak --minutes 3 --diagnose heap.jsonl --out /tmp/x.json
 
-Writes bench/results/attack_soak.json.
+Writes bench/results/attack_soak.json. ``--diagnose``: the server samples its own heap
+(glibc mallinfo2), RSS by mapping, threads, descriptors, live objects of its classes and its
+registries into a JSON-lines file, and trims its heap at the end (see ``diagnosed_server``).
 """
 from __future__ import annotations
 
@@ -35,12 +40,18 @@ PROMPT = "The capital of France is"
 NEW = 8
 
 
-def start_server():
+SERVER_ARGS = ["--model", "tiny-gpt2", "--device", "cpu", "--port", "0", "--log-level", "ERROR"]
+
+
+def start_server(diagnose: str | None = None):
+    """The server subprocess; with ``diagnose`` (a path), the same server with a sampler
+    thread that appends its memory figures there (``diagnosed_server``)."""
     def caps():
         resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
         resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
-    proc = subprocess.Popen([sys.executable, "-m", "kernel_server", "--model", "tiny-gpt2",
-                             "--device", "cpu", "--port", "0", "--log-level", "ERROR"],
+    cmd = ([sys.executable, "-m", "bench.attack_soak", "--serve-diagnosed", diagnose, "--"]
+           if diagnose else [sys.executable, "-m", "kernel_server"])
+    proc = subprocess.Popen(cmd + SERVER_ARGS,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                             env={**os.environ, "DJINN_TOKEN": TOKEN}, preexec_fn=caps)
     line = proc.stdout.readline()
@@ -173,31 +184,173 @@ class Soak:
                 pass
 
 
+# ---- diagnosis: where the server's memory goes (--diagnose) -------------------------------------
+def diagnosed_server(out_path: str, server_argv: list, interval: float = 10.0) -> int:
+    """``kernel_server``'s main with a sampler thread that appends a JSON line to
+    ``out_path`` every ``interval`` s: RSS, glibc's heap figures (mallinfo2), threads by name,
+    open descriptors, live objects of the server's own classes (sessions, connections, bulk
+    transfers, sockets, tensors), the kernel's registries. SIGUSR1: one sample, then
+    ``malloc_trim(0)``, then another (what the allocator holds free but unreturned)."""
+    import collections
+    import ctypes
+    import gc
+    import signal
+
+    libc = ctypes.CDLL("libc.so.6")
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd",
+                                                  "usmblks", "fsmblks", "uordblks", "fordblks",
+                                                  "keepcost")]
+    libc.mallinfo2.restype = MallInfo2
+    me = psutil.Process()
+    mine = ("Session", "Connection", "RpycService", "BulkTransfer", "socket", "SSLSocket",
+            "Thread", "Timer", "Tensor", "Checkpoint", "Future", "Channel", "SocketStream",
+            "_Stream", "LimitedChannel", "LoadedModel", "Run", "StepRecord")
+    lock = threading.Lock()
+
+    def smaps() -> dict:
+        """RSS by kind of mapping (MiB): files (libraries), the main heap, anonymous maps by
+        size (64 MiB: glibc thread arenas, 8 MiB: thread stacks, 1 MiB: Python arenas)."""
+        out = collections.Counter()
+        kind = None
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+                    lo, hi = (int(x, 16) for x in head[0].split("-"))
+                    size = hi - lo
+                    path = head[5] if len(head) > 5 else ""
+                    kind = ("file" if path.startswith("/") else path if path else
+                            "anon_64MiB" if size == 64 << 20 else
+                            "anon_8MiB" if size in (8 << 20, (8 << 20) + 4096) else
+                            "anon_1MiB" if size == 1 << 20 else
+                            "anon_small" if size < 1 << 20 else "anon_other")
+                elif head[0] == "Rss:":
+                    out[kind] += int(head[1]) << 10
+        return {k: round(v / 2**20, 1) for k, v in out.items() if v >= 1 << 20}
+
+    def sample(tag: str) -> None:
+        with lock:
+            gc.collect()
+            objs = gc.get_objects()
+            counts = collections.Counter(type(o).__name__ for o in objs)
+            kernels = [o for o in objs if type(o).__module__ == "kernel_server.kernel"
+                       and type(o).__name__ == "Kernel"]
+            servers = [o for o in objs if type(o).__name__ == "KernelServer"
+                       and type(o).__module__.startswith("kernel_server")]
+            controls = [o for o in objs if type(o).__name__ == "ControlServer"
+                        and type(o).__module__.startswith("kernel_server")]
+            storages = {}
+            for o in objs:
+                if type(o).__name__ == "Tensor":
+                    try:
+                        st = o.untyped_storage()
+                        storages[st.data_ptr()] = st.nbytes()
+                    except Exception:
+                        pass
+            del objs
+            m = libc.mallinfo2()
+            row = {"t": round(time.time(), 1), "tag": tag,
+                   "rss_mib": round(me.memory_info().rss / 2**20, 1),
+                   "heap": {k: round(getattr(m, k) / 2**20, 2)
+                            for k in ("arena", "hblkhd", "uordblks", "fordblks", "keepcost")},
+                   "smaps": smaps(),
+                   "fds": me.num_fds(), "threads": me.num_threads(),
+                   "thread_names": dict(collections.Counter(
+                       t.name.split("-")[0] + "-" + t.name.split("-")[1] if t.name.count("-") > 1
+                       else t.name for t in threading.enumerate())),
+                   "objects": {k: counts.get(k, 0) for k in mine},
+                   "gc_objects": sum(counts.values()),
+                   "tensor_mib": round(sum(storages.values()) / 2**20, 2)}
+            if kernels:
+                k = kernels[0]
+                row["kernel"] = {"sessions": k.sessions.count(),
+                                 "offer_principals": len(k._offers),
+                                 "offers": sum(len(v) for v in k._offers.values()),
+                                 "principals": len(k.owners._principals),
+                                 "orphans": len(k.owners._orphans),
+                                 "checkpoint_bytes": k.checkpoints.used_bytes}
+            if servers:
+                row["server"] = {"threads": len(servers[0]._threads),
+                                 "sockets": len(servers[0]._sockets),
+                                 "unauthenticated": servers[0].authenticator.pending}
+            if controls:
+                c = controls[0]
+                row["control"] = {"pending": len(c._pending), "channels": len(c._channels),
+                                  "gone": len(c._gone)}
+            with open(out_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def trim(signum, frame):
+        def run():
+            sample("before_trim")
+            libc.malloc_trim(0)
+            sample("after_trim")
+        threading.Thread(target=run, daemon=True).start()
+    signal.signal(signal.SIGUSR1, trim)
+
+    def loop():
+        while True:
+            time.sleep(interval)
+            try:
+                sample("periodic")
+            except Exception as exc:          # (a diagnosis must not stop the server)
+                with open(out_path, "a") as f:
+                    f.write(json.dumps({"error": repr(exc)}) + "\n")
+    threading.Thread(target=loop, name="diagnose", daemon=True).start()
+    from kernel_server.cli import main as server_main
+    return server_main(server_argv)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--serve-diagnosed"]:              # (the server side of --diagnose)
+        return diagnosed_server(argv[1], argv[3:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--legit-clients", type=int, default=3)
+    p.add_argument("--sample-s", type=float, default=30.0, help="RSS sample interval")
+    p.add_argument("--diagnose", default=None, metavar="JSONL",
+                   help="also sample the server's heap, threads, objects there (slower)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "attack_soak.json"))
     args = p.parse_args(argv)
-    proc, address = start_server()
+    if args.diagnose:
+        Path(args.diagnose).unlink(missing_ok=True)
+    proc, address = start_server(args.diagnose)
     server = psutil.Process(proc.pid)
     try:
         reference = solo_tokens(address)
+        rss_ready = server.memory_info().rss
         warm = Soak(address, reference, time.monotonic() + 20)   # warm-up: the same mix, short
         run_all(warm, args.legit_clients)
         rss_start = server.memory_info().rss
         t0 = time.monotonic()
         soak = Soak(address, reference, t0 + args.minutes * 60)
+        series = []
+        stop_sampling = threading.Event()
+
+        def sample():
+            while not stop_sampling.wait(args.sample_s):
+                series.append([round(time.monotonic() - t0), round(server.memory_info().rss / 2**20, 1)])
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         run_all(soak, args.legit_clients)
+        stop_sampling.set()
         elapsed = time.monotonic() - t0
         time.sleep(5.0)                                             # offers and deadlines lapse
         fresh = solo_tokens(address)
         rss_end = server.memory_info().rss
+        if args.diagnose:
+            os.kill(proc.pid, __import__("signal").SIGUSR1)        # a sample, malloc_trim, a sample
+            time.sleep(20.0)
         result = {
             "minutes": round(elapsed / 60, 2), "model": "tiny-gpt2", "dtype": "float32",
             "device": "cpu", "server_alive": proc.poll() is None,
+            "rss_ready_mib": round(rss_ready / 2**20, 1),
             "rss_start_mib": round(rss_start / 2**20, 1), "rss_end_mib": round(rss_end / 2**20, 1),
             "rss_change": round(rss_end / rss_start - 1, 4),
+            "rss_series_s_mib": series,
             "fresh_client_solo_tokens": fresh == reference, "legit_mismatches": soak.mismatches,
             "counts": soak.counts, "errors": soak.errors[:20], "n_errors": len(soak.errors),
         }

@@ -23,7 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-BENCHMARKS = ("decode", "checkpoint", "sweep", "nnsight", "fast_decode", "tenants")
+BENCHMARKS = ("decode", "checkpoint", "sweep", "nnsight", "fast_decode", "fast_decode_peers", "tenants")
 
 
 def commands(args) -> list[tuple[str, list[str]]]:
@@ -62,10 +62,14 @@ def commands(args) -> list[tuple[str, list[str]]]:
     if cuda and (HERE / "fast_decode_bench.py").exists():   # (its owner's options, its own names)
         runs["fast_decode"] = ["bench/fast_decode_bench.py", "--device", args.device,
                                *where]
+        # breakpoint steps in graph segments, expressions, HF generate and nnsight at 512/4k/8k
+        runs["fast_decode_peers"] = ["bench/fast_decode_bench.py", "--peers", "--device",
+                                     args.device, *where]
     chosen = [b for b in BENCHMARKS if b in runs and (not args.only or b in args.only)
               and b not in (args.skip or [])]
     if args.smoke:   # each script's --smoke: tiny model, CPU, a temporary directory
-        return [(b, [runs[b][0], *smoke]) for b in chosen if b != "fast_decode"]
+        return [(b, [runs[b][0], *smoke]) for b in chosen
+                if not b.startswith("fast_decode")]
     return [(b, runs[b]) for b in chosen]
 
 

@@ -80,6 +80,11 @@ def parse_address(address: str) -> tuple[str, int]:
 class Client:
     """A connection to one kernel server. Open sessions with :meth:`session`."""
 
+    #: for a replica of a cluster (``djinn_nb.cluster``): the ``ClusterClient`` that opened
+    #: this client and the replica's id; None for a plain server
+    cluster = None
+    replica: str | None = None
+
     def __init__(self, address: str, timeout: float | None = None, local_server=None,
                  connect_timeout: float = 10.0, token: str | None = None, tls=None,
                  owner_key: str | None = None):

@@ -11,9 +11,11 @@ from .pool import Pool
 def connect(address=None, *, token: str | None = None, tls=None,
             owner_key: str | None = None, model: str | None = None,
             device: str | None = None, dtype: str | None = None, timeout: float | None = None,
-            progress: bool = True) -> Client:
+            progress: bool = True):
     """Connect to a kernel server at ``"host:port"`` (a list of addresses: a ``dj.Pool``
-    holding one client per server, ``pool.session(server=..., model=...)``).
+    holding one client per server, ``pool.session(server=..., model=...)``; a cluster's
+    directory ``"cluster://host:port"``: a ``djinn_nb.cluster.ClusterClient`` whose
+    ``session(model=...)`` lands on the least-loaded healthy replica of that model).
 
     With no address: the server named by the ``DJINN_SERVER`` environment variable if set
     (``make lab`` sets it for its notebooks), else a local server on ``model`` (default the
@@ -30,6 +32,9 @@ def connect(address=None, *, token: str | None = None, tls=None,
         address = os.environ[SERVER_ENV]
     if isinstance(address, (list, tuple)):     # several servers: a Pool of clients
         return Pool(address, token=token, tls=tls, timeout=timeout)
+    if isinstance(address, str) and address.startswith("cluster://"):
+        from .cluster import ClusterClient        # a cluster: its directory is asked first
+        return ClusterClient(address, token=token, tls=tls, owner_key=owner_key, timeout=timeout)
     if address is not None:
         return Client(address, timeout=timeout, token=token, tls=tls, owner_key=owner_key)
     server = shared_server(model, device, dtype, progress=progress)

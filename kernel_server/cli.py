@@ -104,6 +104,8 @@ _CAPS = (
     ("max_steps_listed", int, "steps listed over one session's breakpoints and rules"),
     ("max_logits_mb", float, "logit rows one return_logits run may keep, in MiB"),
     ("max_offers_per_client", int, "bulk downloads waiting to be fetched, per client"),
+    ("max_sessions_per_peer", int, "sessions of all connections from one host (and token)"),
+    ("max_offers_per_peer", int, "bulk downloads waiting, over all connections from one host"),
     ("max_connections", int, "client connections at once; more are closed at accept"),
     ("max_unauthenticated", int, "connections waiting to authenticate at once; one more "
                                  "pushes the oldest out"),

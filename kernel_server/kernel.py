@@ -29,11 +29,12 @@ class Kernel:
         self.checkpoints = CheckpointStore(int(self.limits.checkpoint_budget_mb * 2**20),
                                            int(self.limits.pinned_pool_mb * 2**20))
         self.owners = Owners(self.sessions, self.checkpoints, self.limits.reconnect_grace_s)
+        self.sessions.scopes = self.owners.scopes      # session caps count over these scopes
         self.bulk_host = "127.0.0.1"   # where one-shot bulk listeners bind (the server's host)
         self.bulk_tls = None           # the server's TLS context: bulk transfers use it too
         # --operator-stats: hello() also tells server-wide figures (every client: one operator)
         self.operator_stats = False
-        self._offers: dict[str, list] = {}    # principal -> its bulk downloads not yet fetched
+        self._offers: dict[str, list] = {}    # owner id -> its bulk downloads not yet fetched
         self._offers_lock = threading.Lock()
 
     def model(self, name=None):
@@ -46,21 +47,37 @@ class Kernel:
             admit(name, self.models.device, self.models.dtype)
         return self.models.get(name)
 
-    def hold_offer(self, principal: str, make):
-        """``make()`` a bulk offer for ``principal`` unless it already has
-        ``--max-offers-per-client`` waiting to be fetched."""
-        cap = self.limits.max_offers_per_client
+    def hold_offer(self, owner: str, make):
+        """``make()`` a bulk offer for the connection ``owner`` unless one of its scopes
+        (``Owners.scopes``) already has its cap of offers waiting to be fetched: the
+        connection and its principal ``--max-offers-per-client``, its peer (the host and
+        credentials, whatever owner keys) ``--max-offers-per-peer``."""
+        lim = self.limits
         with self._offers_lock:
-            live = [t for t in self._offers.get(principal, []) if not t.done]
-            if len(live) >= cap:
-                raise LimitExceededError(f"{cap} bulk downloads are already waiting to be fetched "
-                                         "by this client (--max-offers-per-client); fetch them or "
-                                         "let them expire first")
+            self._offers = {o: live for o, v in self._offers.items()
+                            if (live := [t for t in v if not t.done])}
+            for scope, owners in self.owners.scopes(owner):
+                held = sum(len(self._offers.get(o, ())) for o in owners)
+                cap, option, who = ((lim.max_offers_per_peer, "--max-offers-per-peer",
+                                     "the connections from this host") if scope == "peer" else
+                                    (lim.max_offers_per_client, "--max-offers-per-client",
+                                     "this client"))
+                if held >= cap:
+                    raise LimitExceededError(f"{held} bulk downloads are already waiting to be "
+                                             f"fetched by {who} ({option}); fetch them or let "
+                                             "them expire first")
             transfer = make()
-            self._offers = {k: [t for t in v if not t.done] for k, v in self._offers.items()}
-            self._offers = {k: v for k, v in self._offers.items() if v}
-            self._offers.setdefault(principal, []).append(transfer)
+            self._offers.setdefault(owner, []).append(transfer)
             return transfer
+
+    def drop_offers(self, owner: str) -> int:
+        """The connection ``owner`` is gone: withdraw its unfetched offers now (each holds a
+        listener, a thread and a copy of its payload until fetched or expired)."""
+        with self._offers_lock:
+            transfers = self._offers.pop(owner, [])
+        for t in transfers:
+            t.cancel()
+        return len(transfers)
 
     def info(self, owner: str | None = None) -> dict:
         """Server facts for the client ``owner``: its own sessions and the models it may use,

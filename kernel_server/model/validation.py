@@ -42,6 +42,8 @@ class Limits:
     max_steps_listed: int = 100_000        # steps listed over a session's breakpoints and rules
     max_logits_mb: float = 256.0           # logit rows a return_logits run may keep
     max_offers_per_client: int = 4         # bulk downloads waiting to be fetched, per principal
+    max_sessions_per_peer: int = 256       # sessions of one host + credentials, any owner keys
+    max_offers_per_peer: int = 16          # bulk downloads waiting, per host + credentials
     max_connections: int = 512             # client connections at once
     max_unauthenticated: int = 64          # connections waiting to authenticate at once
     handshake_timeout_s: float = 10.0      # the whole opening (TLS, token) of a connection

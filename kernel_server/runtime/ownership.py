@@ -20,6 +20,13 @@ new process: ``client.attach(id)``) moves one orphaned session, and the checkpoi
 connection left, to a connection of the same principal. Anything else (another
 principal, a live connection's session, a released one) is ``UnknownSessionError``,
 the same answer as for an id that never existed.
+
+Caps (sessions, pending bulk offers) count over three *scopes* of a connection, and each
+must hold (``Owners.scopes``): the connection itself, its principal (all connections of the
+same token and owner key), and its *peer*: all connections from the same host that proved
+the same credentials, whatever owner keys they declare. An owner key is the client's own
+word, so a fresh one per connection (or per ``hello``) makes a fresh principal: only the
+peer scope stops one process from filling the server that way.
 """
 from __future__ import annotations
 
@@ -30,6 +37,15 @@ import threading
 from djinn_protocol.errors import InvalidArgumentError, UnknownSessionError
 
 log = logging.getLogger("kernel_server")
+
+
+def peer_of(credentials, address) -> str | None:
+    """The peer scope of a connection: the credentials it proved (the token, or none on a
+    loopback server without one) at the host it came from. None: unknown (in-process)."""
+    if address is None:
+        return None
+    host = address[0] if isinstance(address, tuple) else str(address)
+    return f"{'token' if credentials else 'open'}@{host}"
 
 
 def principal(credentials, owner_proof) -> str | None:
@@ -51,12 +67,32 @@ class Owners:
         self.grace_s = float(grace_s)
         self._principals: dict[str, str | None] = {}   # owner id -> principal (live or orphaned)
         self._orphans: dict[str, threading.Timer] = {}   # orphaned owner id -> its release timer
+        self._peers: dict[str, str] = {}                 # owner id -> its peer (see peer_of)
         self._lock = threading.Lock()
         self._closed = False
 
-    def connected(self, owner: str, who: str | None) -> None:
+    def connected(self, owner: str, who: str | None, peer: str | None = None) -> None:
         with self._lock:
             self._principals[owner] = who
+            if peer is not None:
+                self._peers[owner] = peer
+
+    def scopes(self, owner: str) -> list[tuple[str, set[str]]]:
+        """What a cap counts for a request of ``owner``: ``(scope, owner ids)`` for its
+        connection, its principal and its peer (live and orphaned connections alike)."""
+        with self._lock:
+            who = self._principals.get(owner)
+            peer = self._peers.get(owner)
+            out = [("connection", {owner})]
+            if who is not None:
+                out.append(("principal", {o for o, p in self._principals.items() if p == who}))
+            if peer is not None:
+                out.append(("peer", {o for o, p in self._peers.items() if p == peer}))
+            return out
+
+    def _forget(self, owner: str) -> None:
+        self._principals.pop(owner, None)
+        self._peers.pop(owner, None)
 
     def principal_of(self, owner: str) -> str | None:
         with self._lock:
@@ -78,14 +114,14 @@ class Owners:
                 self._orphans[owner] = timer
                 timer.start()
                 return None
-            self._principals.pop(owner, None)
+            self._forget(owner)
         return self._release(owner)
 
     def _expire(self, owner: str) -> None:
         with self._lock:
             if self._orphans.pop(owner, None) is None:   # re-attached meanwhile
                 return
-            self._principals.pop(owner, None)
+            self._forget(owner)
         n = self._release(owner)
         log.info("grace period over for client %s: released %d sessions", owner[:8], n)
 
@@ -109,7 +145,7 @@ class Owners:
         timer = self._orphans.pop(owner, None)
         if timer is not None:
             timer.cancel()
-        self._principals.pop(owner, None)
+        self._forget(owner)
 
     def reattach(self, old: str, new: str) -> dict:
         """Move all that owner ``old`` holds to ``new`` (``client.reconnect()``). The old

@@ -13,17 +13,37 @@ class SessionManager:
     """All sessions of a server, each owned by one connection (the one that opened it, or
     one that re-attached it: see ``kernel_server.runtime.ownership``)."""
 
-    def __init__(self, limits: validation.Limits):
+    def __init__(self, limits: validation.Limits, scopes=None):
         self.limits = limits
+        #: ``owner -> [(scope, owner ids)]``: whom a session cap counts (``Owners.scopes``);
+        #: the kernel sets it once its ``Owners`` exists. None: the connection alone.
+        self.scopes = scopes
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
+    def _room(self, scopes) -> None:
+        """``LimitExceededError`` unless one more session fits every scope the opener counts
+        in: its connection and principal (``--max-sessions-per-client``) and its peer, the
+        host and credentials whatever owner keys it declares (``--max-sessions-per-peer``).
+        Called under the lock, so two opens cannot both take the last free place (the
+        scopes are read before it: ``Owners`` takes its lock first, then this one)."""
+        for scope, owners in scopes:
+            held = sum(1 for s in self._sessions.values() if s.owner in owners)
+            if scope == "peer":
+                cap, option, who = (self.limits.max_sessions_per_peer, "--max-sessions-per-peer",
+                                    "the connections from this host")
+            else:
+                cap, option = self.limits.max_sessions_per_client, "--max-sessions-per-client"
+                who = "this client" + (" over its connections" if scope == "principal" else "")
+            if held >= cap:
+                raise LimitExceededError(f"{who} already hold{'s' if scope != 'peer' else ''} "
+                                         f"{held} sessions, the server limit ({option}); "
+                                         "close some first")
+
     def open(self, loaded: LoadedModel, owner: str) -> Session:
+        scopes = self.scopes(owner) if self.scopes is not None else [("connection", {owner})]
         with self._lock:
-            mine = sum(1 for s in self._sessions.values() if s.owner == owner)
-            if mine >= self.limits.max_sessions_per_client:
-                raise LimitExceededError(f"this client already has {mine} sessions, the server limit "
-                                         f"(--max-sessions-per-client); close some first")
+            self._room(scopes)
             session = Session(loaded, self.limits, owner)
             self._sessions[session.id] = session
             return session
@@ -83,3 +103,8 @@ class SessionManager:
 
     def count(self) -> int:
         return len(self._sessions)
+
+    def all(self) -> list[Session]:
+        """Every session, of every owner (the cluster operator's drain and load figures)."""
+        with self._lock:
+            return list(self._sessions.values())

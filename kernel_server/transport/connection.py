@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import uuid
 
-from kernel_server.runtime.ownership import principal
+from kernel_server.runtime.ownership import peer_of, principal
 
 
 class Connection:
@@ -11,14 +11,15 @@ class Connection:
     checkpoints), the owner id its sessions carry, its pending uploads. The rpyc service
     and the control channel of one client hold the same ``Connection``."""
 
-    def __init__(self, kernel, credentials=None, control=None):
+    def __init__(self, kernel, credentials=None, control=None, peer=None):
         self.kernel = kernel
         self.control = control             # the server's ControlServer, if it offers one
         self.credentials = credentials     # "token" when the authenticator checked one
         self.owner = uuid.uuid4().hex
         self.uploads: dict = {}            # nonce hex -> BulkTransfer
         self.socket = None                 # the rpyc connection's socket (set by the server)
-        kernel.owners.connected(self.owner, principal(credentials, None))
+        # peer: the remote (host, port); caps also count per host and credentials
+        kernel.owners.connected(self.owner, principal(credentials, None), peer_of(credentials, peer))
 
     def identify(self, owner_proof) -> None:
         """The client's owner proof (``hello(owner_key=...)``) joins its principal."""
@@ -29,6 +30,14 @@ class Connection:
 
     def checkpoint(self, checkpoint_id):
         return self.kernel.checkpoints.get(checkpoint_id, self.owner)
+
+    def release_transfers(self) -> int:
+        """The connection is gone: withdraw its unfetched downloads and pending uploads
+        (each holds a listener, a thread and its bytes until its deadline otherwise)."""
+        uploads, self.uploads = list(self.uploads.values()), {}
+        for t in uploads:
+            t.cancel()
+        return self.kernel.drop_offers(self.owner) + len(uploads)
 
     def disconnect(self) -> None:
         """End this client's connection as if it had gone (its control channel closed):

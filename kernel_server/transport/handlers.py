@@ -127,7 +127,7 @@ def export_checkpoint(conn: Connection, checkpoint):
     ck = conn.checkpoint(checkpoint)
     kernel = conn.kernel
     loaded = kernel.models.get(ck.model)
-    offer = kernel.hold_offer(principal_key(conn), lambda: BulkTransfer(
+    offer = kernel.hold_offer(conn.owner, lambda: BulkTransfer(
         kernel.bulk_host, payload=ckpt_files.to_bytes(ck, loaded), tls=kernel.bulk_tls))
     return {**offer.describe(), "nbytes": offer.nbytes}
 
@@ -182,3 +182,109 @@ def import_checkpoint(conn: Connection, upload, session):
             kernel.sessions.close(sess.id, conn.owner)
         raise
     return {"checkpoint": ck.describe(), "session": info}
+
+
+# ---- a cluster (kernel_server.cluster) -------------------------------------------------------
+#: the environment variable holding the cluster operator's key: set by the cluster's replica
+#: runner for the replicas it starts; a server without it has no operator
+OPERATOR_KEY_ENV = "DJINN_OPERATOR_KEY"
+
+
+def _directory_only(name: str):
+    def refuse(conn: Connection, **_):
+        raise InvalidArgumentError(f"{name} is a call of a cluster directory "
+                                   "(dj.connect('cluster://host:port')); this is a kernel server")
+    refuse.__name__ = name
+    return refuse
+
+
+cluster_status = _directory_only("cluster_status")
+cluster_place = _directory_only("cluster_place")
+cluster_relay = _directory_only("cluster_relay")
+cluster_moved = _directory_only("cluster_moved")
+
+
+def _require_operator(conn: Connection, call: str) -> None:
+    """Only the cluster's directory may see every client's sessions and hand them over: it
+    proves the operator key (as an owner key, ``hello(owner_key=...)``: the key never travels)
+    on a connection that also proved the token when the server has one."""
+    import os
+    from djinn_protocol.handshake import owner_proof
+    from kernel_server.runtime.ownership import principal
+    key = os.environ.get(OPERATOR_KEY_ENV)
+    mine = conn.kernel.owners.principal_of(conn.owner)
+    if not key or mine is None or mine != principal(conn.credentials, owner_proof(key)):
+        raise InvalidArgumentError(f"{call} is for the cluster operator (its directory) only")
+
+
+def cluster_load(conn: Connection):
+    """Load figures of the whole server for the directory: sessions by state, memory per
+    device, checkpoint bytes, loaded models."""
+    _require_operator(conn, "cluster_load")
+    kernel = conn.kernel
+    states: dict = {}
+    for s in kernel.sessions.all():
+        states[s.state] = states.get(s.state, 0) + 1
+    return {"sessions": states, "total_sessions": sum(states.values()),
+            "memory": kernel.memory()["devices"], "checkpoint_bytes": kernel.checkpoints.used_bytes,
+            "models": kernel.models.loaded()}
+
+
+def handover_out(conn: Connection):
+    """Drain: every paused or ready session whose client could re-attach it (it has a
+    principal) checkpointed and offered as a file on the bulk path, for the directory to
+    move to another replica. Sessions stay here (the replica is about to stop)."""
+    from kernel_server.runtime.states import PAUSED, READY
+    _require_operator(conn, "handover_out")
+    kernel = conn.kernel
+    out = []
+    for s in kernel.sessions.all():
+        who = kernel.owners.principal_of(s.owner)
+        if s.state not in (PAUSED, READY) or who is None:
+            continue
+        try:
+            ck = s.checkpoint(kernel.checkpoints)
+            try:
+                data = ckpt_files.to_bytes(ck, s.loaded)
+            finally:
+                kernel.checkpoints.delete(ck.id, ck.owner)
+        except DjinnError:           # closed or resumed meanwhile: not drained
+            continue
+        offer = BulkTransfer(kernel.bulk_host, payload=data, tls=kernel.bulk_tls, timeout=300.0)
+        out.append({"session": s.id, "principal": who, "model": s.loaded.name, "state": s.state,
+                    "offer": {**offer.describe(), "nbytes": offer.nbytes}})
+    return out
+
+
+def handover_in(conn: Connection, upload, principal):
+    """Drain, the receiving end: the uploaded checkpoint file restored into a new session
+    held for ``principal`` as a disconnected client's session is (``--reconnect-grace-s``):
+    that client takes it with ``attach(session)``."""
+    import uuid
+    _require_operator(conn, "handover_in")
+    kernel = conn.kernel
+    if kernel.owners.grace_s <= 0:
+        raise InvalidArgumentError("this replica keeps no sessions for re-attachment "
+                                   "(--reconnect-grace-s 0): nothing can be handed over to it")
+    transfer = conn.uploads.pop(upload, None)
+    if transfer is None:
+        raise InvalidArgumentError("unknown upload id")
+    data = transfer.result()
+    name = read_metadata(data)["identity"]["model"]
+    loaded = kernel.model(name)
+    owner = uuid.uuid4().hex                       # a connection that never was, of principal
+    kernel.owners.connected(owner, principal)
+    ck = ckpt_files.from_bytes(data, loaded, owner, kernel.limits)
+    sess = kernel.sessions.open(loaded, owner)
+    try:
+        kernel.checkpoints.add(ck)
+        try:
+            sess.restore(ck)
+        finally:
+            kernel.checkpoints.delete(ck.id, owner)
+    except BaseException:
+        kernel.sessions.close(sess.id, owner)
+        kernel.owners.disconnected(owner)
+        raise
+    kernel.owners.disconnected(owner)              # orphaned: kept for the grace period
+    return {"session": sess.id}

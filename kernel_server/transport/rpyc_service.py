@@ -45,8 +45,12 @@ class RpycService(rpyc.Service):
         if not isinstance(value, np.ndarray) or value.nbytes < BULK_THRESHOLD:
             return reply
         kernel = self.conn.kernel
-        offer = BulkTransfer(kernel.bulk_host, payload=memoryview(np.ascontiguousarray(value)).cast("B"),
-                             tls=kernel.bulk_tls)
+        payload = memoryview(np.ascontiguousarray(value)).cast("B")
+        try:          # (counted with the client's other unfetched offers: capped)
+            offer = kernel.hold_offer(self.conn.owner, lambda: BulkTransfer(
+                kernel.bulk_host, payload=payload, tls=kernel.bulk_tls))
+        except DjinnError as exc:
+            return error_reply(exc)
         return {"ok": {BULK_ARRAY_KEY: offer.describe(), "dtype": value.dtype.name,
                        "shape": list(value.shape)}}
 

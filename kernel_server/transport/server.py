@@ -19,6 +19,7 @@ from djinn_protocol.errors import InvalidArgumentError
 from kernel_server.transport.authenticator import TokenAuthenticator, server_tls_context
 from kernel_server.transport.connection import Connection, shutdown
 from kernel_server.transport.control_listener import ControlServer
+from kernel_server.transport.heap import Trimmer, bound_arenas
 from kernel_server.transport.rpyc_service import RpycService
 
 log = logging.getLogger("kernel_server")
@@ -144,6 +145,10 @@ class KernelServer:
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        # a thread per connection over a long life: keep glibc's heap from holding what
+        # ended connections freed (kernel_server.transport.heap has the measurements)
+        bound_arenas()
+        self._trimmer = Trimmer()
 
     @property
     def address(self) -> str:
@@ -156,7 +161,7 @@ class KernelServer:
         failing = 0
         while not self._closed.is_set():
             try:
-                sock, _ = self._listener.accept()
+                sock, peer = self._listener.accept()
             except OSError as exc:
                 if self._closed.is_set():
                     return
@@ -175,7 +180,7 @@ class KernelServer:
                 shutdown(sock)
                 sock.close()
                 continue
-            thread = threading.Thread(target=self._serve_socket, args=(sock,),
+            thread = threading.Thread(target=self._serve_socket, args=(sock, peer),
                                       name="djinn-client", daemon=True)
             with self._lock:
                 self._threads = [t for t in self._threads if t.is_alive()] + [thread]
@@ -186,7 +191,7 @@ class KernelServer:
         self._thread.start()
         return self
 
-    def _serve_socket(self, sock: socket.socket) -> None:
+    def _serve_socket(self, sock: socket.socket, peer=None) -> None:
         with self._lock:
             self._sockets.add(sock)
         try:
@@ -197,7 +202,7 @@ class KernelServer:
                 return
             with self._lock:
                 self._sockets.add(opened)      # a TLS socket replaces the accepted one
-            conn = Connection(self.kernel, credentials, self.control)
+            conn = Connection(self.kernel, credentials, self.control, peer)
             conn.socket = opened
             log.info("client %s connected", conn.owner[:8])
             channel = LimitedChannel(_Stream(opened), self.max_request_bytes)
@@ -211,9 +216,11 @@ class KernelServer:
                 self._sockets.discard(locals().get("opened"))
             shutdown(sock)
             sock.close()
+            self._trimmer.maybe()      # what the connection (or stranger) held is free now
 
     def _connection_closed(self, conn: Connection) -> None:
         self.control.detach(conn)                      # its control channel closes with it
+        conn.release_transfers()                       # its unfetched offers and uploads too
         n = self.kernel.owners.disconnected(conn.owner)   # released now, or kept for the grace
         if n is None:
             log.info("client %s disconnected; its sessions are kept for %g s "

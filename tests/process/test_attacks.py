@@ -367,13 +367,20 @@ def test_a_silent_stranger_does_not_block_a_bulk_transfer(client):
 
 
 def test_a_cut_off_transfer_spends_its_nonce(client):
-    """Defect 11: after a cut-off, the same nonce must not serve the payload again."""
+    """Defect 11: after a cut-off, the same nonce must not serve the payload again. The
+    payload (a checkpoint of 1,800 prompt positions, ~7 MiB of KV) is larger than what the
+    server's send buffer (4 MiB at most here) and our tiny receive window hold, so the server
+    is still sending when we hang up: a real cut-off, not a transfer finished in buffers."""
     s = client.session()
-    s.generate(PROMPT, max_new_tokens=2)
+    s.generate(list(range(100, 1900)), max_new_tokens=1, stop_at_eos=False)   # one prefill
     ck = s.checkpoint().wait()
     offer = client.call("export_checkpoint", checkpoint=ck.id)
+    assert offer["nbytes"] > 6 * MiB
     host, _ = host_port(client.address)
-    with socket.create_connection((host, offer["port"]), timeout=10) as cut:
+    with socket.socket(socket.AF_INET) as cut:
+        cut.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        cut.settimeout(10)
+        cut.connect((host, offer["port"]))
         cut.sendall(bytes.fromhex(offer["nonce"]))
         assert len(cut.recv(100)) > 0                 # the payload started, then we hang up
     with pytest.raises((dj.ConnectionLostError, OSError)):
@@ -459,6 +466,74 @@ def test_sessions_are_capped_per_principal_not_per_connection(target):
     finally:
         for c in conns:
             c.close()
+
+
+def test_fresh_owner_keys_do_not_dodge_the_caps():
+    """A principal is the token plus the client's own owner key: a fresh key per connection,
+    or per hello() on one connection, made a fresh principal with fresh caps. Caps count per
+    connection, per principal and per peer (host + credentials, whatever owner keys), and a
+    connection that goes releases its share (its unfetched offers are withdrawn)."""
+    proc, address = start_server("--max-sessions-per-client", "3", "--max-sessions-per-peer", "5",
+                                 "--max-offers-per-client", "2", "--max-offers-per-peer", "3",
+                                 env={**os.environ, "DJINN_TOKEN": TOKEN})
+    host, _ = host_port(address)
+    conns = []
+
+    def connect(key=None):
+        conns.append(dj.connect(address, token=TOKEN, owner_key=key))
+        return conns[-1]
+    try:
+        one = connect()
+        held = []
+        for i in range(3):                      # one connection, a new owner key before each
+            one.call("hello", owner_key=f"fresh-owner-proof-{i:04d}-0123456789")
+            held.append(one.session())
+        one.call("hello", owner_key="fresh-owner-proof-9999-0123456789")
+        with pytest.raises(dj.LimitExceededError, match="max-sessions-per-client"):
+            one.session()
+        held[0].generate(PROMPT, max_new_tokens=2)
+        ck = held[0].checkpoint().wait()
+        offers = [one.call("export_checkpoint", checkpoint=ck.id)]
+        one.call("hello", owner_key="fresh-owner-proof-7777-0123456789")
+        offers.append(one.call("export_checkpoint", checkpoint=ck.id))
+        one.call("hello", owner_key="fresh-owner-proof-8888-0123456789")
+        with pytest.raises(dj.LimitExceededError, match="max-offers-per-client"):
+            one.call("export_checkpoint", checkpoint=ck.id)
+        # more connections from this host, each with its own key: capped per peer
+        two, three = connect("another-key-0-0123456789"), connect("another-key-1-0123456789")
+        s2 = two.session()
+        three.session()                         # 5 sessions from this host
+        with pytest.raises(dj.LimitExceededError, match="max-sessions-per-peer"):
+            three.session()
+        with pytest.raises(dj.LimitExceededError, match="max-sessions-per-peer"):
+            connect("yet-another-key-0123456789").session()
+        s2.generate(PROMPT, max_new_tokens=2)
+        ck2 = s2.checkpoint().wait()
+        two.call("export_checkpoint", checkpoint=ck2.id)     # 3 offers wait from this host
+        with pytest.raises(dj.LimitExceededError, match="max-offers-per-peer"):
+            two.call("export_checkpoint", checkpoint=ck2.id)
+        one.close()                             # its sessions go, its offers are withdrawn
+
+        def refused(offer) -> bool:
+            try:
+                socket.create_connection((host, offer["port"]), timeout=5).close()
+                return False
+            except (ConnectionRefusedError, ConnectionResetError):   # (reset: while closing)
+                return True
+        assert wait_for(lambda: all(refused(o) for o in offers))
+
+        def can_open() -> bool:
+            try:
+                two.session()
+                return True
+            except dj.LimitExceededError:
+                return False
+        assert wait_for(can_open)
+        two.call("export_checkpoint", checkpoint=ck2.id)
+    finally:
+        for c in conns:
+            c.close()
+        stop(proc)
 
 
 # ---- 12: IPv6 --------------------------------------------------------------------------------
