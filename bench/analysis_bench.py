@@ -1,17 +1,26 @@
-"""Batched one-shot analysis passes against one pass per prompt / cell and nnsight's batched
-trace (CPU, SmolLM2-135M, float32): steering vector from 8 prompts, the 30 x 9 residual
-patching sweep (exact, batched rows; attribution), one gradient pass. JSON in bench/results/.
+"""One-shot analysis passes through the kernel server against the peers, measured in the same
+run (CPU, SmolLM2-135M, float32, 2 threads): a steering vector from 8 + 8 prompts, the exact
+30 x 9 residual patching sweep, attribution patching, one gradient pass.
 
-    python -m bench.analysis_bench [--reps 3] [--old-layers 3]
+Peers: plain Hugging Face forward hooks in the same process as the model (no server, no
+wire: the floor any tool pays), the same computations written the usual way (one forward
+per prompt / per cell), and nnsight 0.8's batched trace for the steering vector. Every peer's
+numbers are checked against djinn_nb's (max abs difference in the JSON). JSON + PNG in
+bench/results/ (``analysis_cpu``), the table in docs/performance.md (``python bench/report.py``).
+
+    python bench/analysis_bench.py [--reps 3] [--old-layers 3] [--smoke]   (or python -m bench.analysis_bench)
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))     # (run as a script too)
 
 import numpy as np  # noqa: E402
 
@@ -23,7 +32,9 @@ CLEAN, CORRUPTED = "The Eiffel Tower is in the city of", "The Colosseum is in th
 
 
 def timed(fn, reps):
-    out, times = None, []
+    """(result, median ms of ``reps`` calls) after one untimed call: the first call of a new
+    batch shape pays one-off costs (measured: a 16-prompt batch took 8.8 s once, then 1.4-1.7 s)."""
+    out, times = fn(), []
     for _ in range(reps):
         t0 = time.perf_counter()
         out = fn()
@@ -31,64 +42,165 @@ def timed(fn, reps):
     return out, statistics.median(times)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--old-layers", type=int, default=3,
-                    help="layers of the sweep timed on the one-pass-per-cell path (extrapolated)")
-    args = ap.parse_args()
+class HFPeer:
+    """The same computations with plain forward hooks on the Hugging Face model, in-process."""
+
+    def __init__(self, loaded):
+        import torch
+        self.torch = torch
+        self.model, self.layers, self.tok = loaded.model, loaded.layers, loaded.tokenizer
+        self.embed = loaded.model.get_input_embeddings()
+
+    def _hooks(self, fns: dict):
+        return [self.layers[i].register_forward_hook(fn) for i, fn in fns.items()]
+
+    def _run(self, ids, fns: dict, mask=None, positions=None):
+        handles = self._hooks(fns)
+        try:
+            return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                              use_cache=False).logits
+        finally:
+            for h in handles:
+                h.remove()
+
+    def steering_vector(self, pos, neg, layer):
+        """One left-padded batch of all prompts, the layer's output at each last position."""
+        torch = self.torch
+        rows = [self.tok(p, add_special_tokens=False)["input_ids"] for p in pos + neg]
+        n = max(map(len, rows))
+        ids = torch.tensor([[0] * (n - len(r)) + r for r in rows])
+        mask = torch.tensor([[0] * (n - len(r)) + [1] * len(r) for r in rows])
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        seen = {}
+        with torch.inference_mode():
+            self._run(ids, {layer: lambda m, a, o: seen.__setitem__("h", o[:, -1].float())},
+                      mask, positions)
+        h = seen["h"]
+        return (h[:len(pos)].mean(0) - h[len(pos):].mean(0)).numpy()
+
+    def _clean_acts(self, ids):
+        torch = self.torch
+        acts = {}
+        with torch.inference_mode():
+            self._run(torch.tensor([ids]), {i: (lambda m, a, o, i=i: acts.__setitem__(i, o[0].clone()))
+                                            for i in range(len(self.layers))})
+        return acts
+
+    def sweep_batched(self, clean, corrupted, answer):
+        """Per layer, one forward whose row p has the clean activation set at position p."""
+        torch = self.torch
+        acts = self._clean_acts(clean)
+        n = len(corrupted)
+        grid = np.zeros((len(self.layers), n))
+        rows = torch.tensor([corrupted] * n)
+        for layer in range(len(self.layers)):
+            def patch(m, a, out, layer=layer):
+                out = out.clone()
+                idx = torch.arange(n)
+                out[idx, idx] = acts[layer]
+                return out
+            with torch.inference_mode():
+                logits = self._run(rows, {layer: patch})[:, -1].float()
+            grid[layer] = (logits[:, answer[0]] - logits[:, answer[1]]).numpy()
+        return grid
+
+    def sweep_one_per_cell(self, clean, corrupted, answer, layers):
+        torch = self.torch
+        acts = self._clean_acts(clean)
+        grid = np.zeros((len(layers), len(corrupted)))
+        for li, layer in enumerate(layers):
+            for p in range(len(corrupted)):
+                def patch(m, a, out, layer=layer, p=p):
+                    out = out.clone()
+                    out[0, p] = acts[layer][p]
+                    return out
+                with torch.inference_mode():
+                    logits = self._run(torch.tensor([corrupted]), {layer: patch})[0, -1].float()
+                grid[li, p] = float(logits[answer[0]] - logits[answer[1]])
+        return grid
+
+    def grad(self, ids, answer):
+        """d(logit diff)/d(block output) at every layer: one forward with autograd, one
+        ``torch.autograd.grad`` (the weights need no gradient: the embedding output does)."""
+        torch = self.torch
+        acts = {}
+        handle = self.embed.register_forward_hook(lambda m, a, o: o.detach().requires_grad_())
+        try:
+            with torch.enable_grad():
+                logits = self._run(torch.tensor([ids]), {i: (lambda m, a, o, i=i: acts.__setitem__(i, o))
+                                                         for i in range(len(self.layers))})
+                metric = logits[0, -1, answer[0]] - logits[0, -1, answer[1]]
+                keys = sorted(acts)
+                grads = torch.autograd.grad(metric, [acts[i] for i in keys])
+        finally:
+            handle.remove()
+        return {i: (acts[i][0].detach(), g[0]) for i, g in zip(keys, grads)}
+
+    def attribution(self, clean, corrupted, answer):
+        clean_acts = self._clean_acts(clean)
+        got = self.grad(corrupted, answer)
+        return np.stack([((clean_acts[i] - a) * g).sum(-1).float().numpy()
+                         for i, (a, g) in sorted(got.items())])
+
+
+def run(args) -> dict:
     import torch
     import djinn_nb as dj
     from kernel_server.kernel import Kernel
     from kernel_server.transport.server import KernelServer
-    from bench.common import environment, write_result
+    from bench.common import command_line, environment
     torch.set_num_threads(2)
-    srv = KernelServer(Kernel("smollm2-135m", device="cpu"), "127.0.0.1", 0).start()
+    kernel = Kernel(args.model, device="cpu")
+    srv = KernelServer(kernel, "127.0.0.1", 0).start()
     c = dj.connect(srv.address)
-    s = c.session(model="smollm2-135m")
-    res: dict = {"model": "smollm2-135m", "device": "cpu", "threads": 2, "env": environment("cpu")}
-    layer = 6
+    s = c.session(model=args.model)
+    hf = HFPeer(kernel.models.get(s.model))
+    layer = min(6, s.layers - 1)
+    res: dict = {"benchmark": "analysis", "command": command_line(), "model": args.model,
+                 "dtype": "float32", "device": "cpu", "threads": 2, "reps": args.reps,
+                 "env": environment("cpu"), "load_average_before": list(os.getloadavg())}
+    rows = []
     # ---- steering vector from 8 + 8 prompts --------------------------------------------------
-    s.steering_vector(POS[:1], NEG[:1], layer)                          # warm-up
     v_batch, ms_batch = timed(lambda: s.steering_vector(POS, NEG, layer), args.reps)
 
     def one_per_prompt():
         act = lambda ps: np.mean([s.cache(p, layers=layer, reduce="last")["resid", layer] for p in ps], 0)  # noqa: E731
         return act(POS) - act(NEG)
     v_one, ms_one = timed(one_per_prompt, args.reps)
-    res["steering_vector"] = {"prompts": 16, "batched_ms": ms_batch, "one_pass_per_prompt_ms": ms_one,
-                              "max_abs_diff": float(np.abs(v_batch - v_one).max())}
-    try:
-        from nnsight import LanguageModel
-        from kernel_server.model.registry import load_model
-        hf = load_model("smollm2-135m", device="cpu")
-        lm = LanguageModel(hf.model, tokenizer=hf.tokenizer)
+    v_hf, ms_hf = timed(lambda: hf.steering_vector(POS, NEG, layer), args.reps)
+    row = {"task": "steering vector, 8 + 8 prompts", "djinn_ms": ms_batch, "djinn_unbatched_ms": ms_one,
+           "hf_ms": ms_hf, "max_abs_diff": {"djinn_unbatched": float(np.abs(v_batch - v_one).max()),
+                                             "hf": float(np.abs(v_batch - v_hf).max())}}
+    if not args.smoke:
+        try:
+            from nnsight import LanguageModel
+            from kernel_server.model.registry import load_model
+            copy = load_model(args.model, device="cpu")     # nnsight rewrites its modules for good
+            lm = LanguageModel(copy.model, tokenizer=copy.tokenizer)
 
-        def nn_vector():
-            saved = []
-            with lm.trace() as tracer:
-                for p in POS + NEG:
-                    with tracer.invoke(p):
-                        # (Llama blocks return a plain tensor in transformers 5)
-                        saved.append(lm.model.layers[layer].output[:, -1].save())
-            acts = torch.stack([t.reshape(-1) for t in saved]).float()
-            return (acts[:8].mean(0) - acts[8:].mean(0)).numpy()
-        v_nn, ms_nn = timed(nn_vector, args.reps)
-        res["steering_vector"].update(nnsight_batched_ms=ms_nn,
-                                      nnsight_max_abs_diff=float(np.abs(v_nn - v_batch).max()))
-    except Exception as e:                                 # noqa: BLE001 (reported, not hidden)
-        res["steering_vector"]["nnsight"] = f"not measured: {type(e).__name__}: {str(e)[:200]}"
-    print(res["steering_vector"], flush=True)
-    # ---- 30 x 9 patching sweep ---------------------------------------------------------------
+            def nn_vector():
+                saved = []
+                with lm.trace() as tracer:
+                    for p in POS + NEG:
+                        with tracer.invoke(p):
+                            # (Llama blocks return a plain tensor in transformers 5)
+                            saved.append(lm.model.layers[layer].output[:, -1].save())
+                acts = torch.stack([t.reshape(-1) for t in saved]).float()
+                return (acts[:8].mean(0) - acts[8:].mean(0)).numpy()
+            v_nn, ms_nn = timed(nn_vector, args.reps)
+            row["nnsight_ms"] = ms_nn
+            row["max_abs_diff"]["nnsight"] = float(np.abs(v_nn - v_batch).max())
+        except Exception as e:                                 # noqa: BLE001 (reported, not hidden)
+            row["nnsight"] = f"not measured: {type(e).__name__}: {str(e)[:200]}"
+    rows.append(row)
+    print(row, flush=True)
+    # ---- the exact patching sweep, every layer x position ------------------------------------
     ids_c, ids_b = s.tokenize(CLEAN), s.tokenize(CORRUPTED)
     answer = [s.tokenize(" Paris")[0], s.tokenize(" Rome")[0]]
     assert len(ids_c) == len(ids_b), (len(ids_c), len(ids_b))
-    sweep = {"layers": s.layers, "positions": len(ids_c)}
-    for batch in (9, 27, 64):
-        t0 = time.perf_counter()
-        grid = s.patch(ids_c, ids_b, answer, progress=False, batch=batch)
-        sweep[f"batched_s_batch{batch}"] = time.perf_counter() - t0
-    old_layers = list(range(args.old_layers))
+    grid, ms_sweep = timed(lambda: s.patch(ids_c, ids_b, answer, progress=False, batch=64), args.reps)
+    hf_grid, ms_hf_sweep = timed(lambda: hf.sweep_batched(ids_c, ids_b, answer), args.reps)
+    old_layers = list(range(min(args.old_layers, s.layers)))
     t0 = time.perf_counter()
     acts = s.cache(ids_c, layers=old_layers)
     old = np.zeros((len(old_layers), len(ids_b)))
@@ -97,22 +209,81 @@ def main() -> int:
             sc = s.score(ids_b + [answer[0]], start=len(ids_b), compare=False, return_logits=True,
                          steering=[{"layer": i, "positions": [p], "set": acts["resid", i][p].tolist()}])
             old[i, p] = sc.logits[-1][answer[0]] - sc.logits[-1][answer[1]]
-    per_cell = (time.perf_counter() - t0) / old.size
-    sweep.update(one_pass_per_cell_s_per_cell=per_cell,
-                 one_pass_per_cell_s_extrapolated=per_cell * s.layers * len(ids_b),
-                 max_abs_diff_vs_one_pass=float(np.abs(grid.metric[:len(old_layers)] - old).max()))
+    cells = s.layers * len(ids_b)
+    djinn_cell_ms = (time.perf_counter() - t0) * 1e3 / old.size
     t0 = time.perf_counter()
-    est = s.attribution_patch(ids_c, ids_b, answer)
-    sweep["attribution_s"] = time.perf_counter() - t0
-    sweep["attribution_corr_with_exact"] = float(np.corrcoef(est.metric.ravel(), grid.metric.ravel())[0, 1])
-    res["patching_sweep"] = sweep
-    print(sweep, flush=True)
-    _, ms_grad = timed(lambda: s.grad(ids_c, answer=answer), args.reps)
-    res["grad_pass_ms"] = {"all 30 layers, resid, logit_diff, 9 tokens": ms_grad}
-    print(res["grad_pass_ms"], flush=True)
-    write_result("analysis_cpu", res)
+    hf_old = hf.sweep_one_per_cell(ids_c, ids_b, answer, old_layers)
+    hf_cell_ms = (time.perf_counter() - t0) * 1e3 / old.size
+    row = {"task": f"exact patching sweep, {s.layers} x {len(ids_b)} cells", "djinn_ms": ms_sweep,
+           "djinn_unbatched_ms": djinn_cell_ms * cells, "hf_ms": ms_hf_sweep,
+           "hf_unbatched_ms": hf_cell_ms * cells,
+           "unbatched_extrapolated_from_layers": len(old_layers),
+           "max_abs_diff": {"djinn_unbatched": float(np.abs(grid.metric[:len(old_layers)] - old).max()),
+                            "hf": float(np.abs(grid.metric - hf_grid).max()),
+                            "hf_unbatched": float(np.abs(grid.metric[:len(old_layers)] - hf_old).max())}}
+    rows.append(row)
+    print(row, flush=True)
+    # ---- attribution patching and one gradient pass ------------------------------------------
+    est, ms_attr = timed(lambda: s.attribution_patch(ids_c, ids_b, answer), args.reps)
+    hf_est, ms_hf_attr = timed(lambda: hf.attribution(ids_c, ids_b, answer), args.reps)
+    row = {"task": f"attribution patching, {s.layers} x {len(ids_b)} cells", "djinn_ms": ms_attr,
+           "hf_ms": ms_hf_attr,
+           "max_abs_diff": {"hf": float(np.abs((est.metric - est.corrupted) - hf_est).max())},
+           "corr_with_exact": float(np.corrcoef(est.metric.ravel(), grid.metric.ravel())[0, 1])}
+    rows.append(row)
+    print(row, flush=True)
+    g, ms_grad = timed(lambda: s.grad(ids_c, answer=answer), args.reps)
+    hf_g, ms_hf_grad = timed(lambda: hf.grad(ids_c, answer), args.reps)
+    row = {"task": f"gradient pass, resid of all {s.layers} layers, {len(ids_c)} tokens",
+           "djinn_ms": ms_grad, "hf_ms": ms_hf_grad,
+           "max_abs_diff": {"hf": float(max(np.abs(g["resid", i] - hf_g[i][1].float().numpy()).max()
+                                            for i in range(s.layers)))}}
+    rows.append(row)
+    print(row, flush=True)
+    res["rows"] = rows
+    res["load_average_after"] = list(os.getloadavg())
     c.close()
     srv.close()
+    return res
+
+
+def plot(d: dict, name: str, out_dir: Path) -> Path:
+    from bench.common import pyplot, save_plot
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(12.5, 4.2))
+    series = [("djinn_ms", "djinn_nb (server, batched)", "C0"),
+              ("djinn_unbatched_ms", "djinn_nb, one pass per prompt / cell", "C9"),
+              ("hf_ms", "HF hooks in-process, batched", "C1"),
+              ("hf_unbatched_ms", "HF hooks, one forward per cell", "C3"),
+              ("nnsight_ms", "nnsight 0.8 batched trace", "C2")]
+    width = 0.16
+    x = np.arange(len(d["rows"]))
+    for k, (key, label, color) in enumerate(series):
+        vals = [r.get(key, np.nan) for r in d["rows"]]
+        ax.bar(x + (k - 2) * width, vals, width, label=label, color=color)
+    ax.set_xticks(x, [r["task"] for r in d["rows"]], fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms (median), log scale")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.suptitle(f"{d['model']} {d['dtype']}, CPU {d['threads']} threads ({d['command']}); "
+                 f"load average {d['load_average_before'][0]:.1f}", fontsize=9)
+    return save_plot(fig, name, out_dir)
+
+
+def main(argv=None) -> int:
+    from bench.common import RESULTS, smoke_dir, write_result
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--old-layers", type=int, default=3,
+                    help="layers of the sweep timed one pass per cell (extrapolated to all)")
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--smoke", action="store_true", help="tiny-gpt2, 1 rep, no nnsight, no result file")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.model, args.reps, args.old_layers = "tiny-gpt2", 1, 1
+    res = run(args)
+    out_dir = smoke_dir() if args.smoke else RESULTS
+    print("wrote", write_result("analysis_cpu", res, out_dir), plot(res, "analysis_cpu", out_dir))
     return 0
 
 

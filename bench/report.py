@@ -154,7 +154,7 @@ def analysis_table(d: dict) -> str:
                          + (f", machine load average {load:.1f} at the start" if load is not None else "")),
              "", "| task | djinn_nb ms | djinn_nb one pass per prompt / cell ms | HF hooks in-process, "
              "batched ms | HF hooks, one forward per cell ms | nnsight batched trace ms | "
-             "djinn_nb vs fastest peer | max abs diff vs djinn_nb |",
+             "fastest peer / djinn_nb (> 1: djinn_nb faster) | max abs diff vs djinn_nb |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in d["rows"]:
         peers = [r[k] for k in ("hf_ms", "hf_unbatched_ms", "nnsight_ms") if k in r]

@@ -16,12 +16,13 @@ from .results import (BatchFinished, Finished, GenerationInterrupted, Generation
 from .client import Client
 from .connect import connect
 from .pool import Pool
+from .cluster import ClusterClient, move
 from .session import Session
 from .checkpoint import Checkpoint
 from .divergence import Divergence, divergence
 
 __all__ = [
-    "connect", "divergence", "Divergence", "Client", "Pool", "Session", "Checkpoint", "CheckpointError", "TransferError", "AuthenticationFailedError", "Paused", "Finished", "GenerationResult", "StepRecord", "ScoreResult", "BatchFinished",
+    "connect", "divergence", "Divergence", "Client", "Pool", "ClusterClient", "move", "Session", "Checkpoint", "CheckpointError", "TransferError", "AuthenticationFailedError", "Paused", "Finished", "GenerationResult", "StepRecord", "ScoreResult", "BatchFinished",
     "Interrupted", "GenerationInterrupted",
     "DjinnError", "ConnectionLostError", "ServerError", "InvalidArgumentError", "UnknownModelError",
     "UnsupportedModelError", "LayerOutOfRangeError", "InvalidEditError", "LimitExceededError",

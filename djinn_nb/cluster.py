@@ -117,7 +117,7 @@ class ClusterClient:
         moved, lost = [], []
         for rid, c in dead.items():
             # (closed ones aside: a drain moves none of them and none are lost)
-            mine = [s for s in list(self._sessions) if s.client is c and not s._closed]
+            mine = [s for s in list(self._sessions) if s.client is c and not s.closed]
             where = {m["session"]: m for m in self.directory.call(
                 "cluster_moved", replica=rid, sessions=[s.id for s in mine])}
             for s in mine:

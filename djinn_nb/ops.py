@@ -6,6 +6,8 @@
 >>> s.steer(6, edit=dj.ops.ablate(h, v))                 # the same, named
 >>> s.edit(edit=dj.ops.clamp(h, -3.0, 3.0))              # while paused
 >>> s.steer(6, edit=dj.ops.where(dj.ops.dot(h, v) > 2.0, h - 2.0 * v, h))   # conditional
+>>> f = dj.ops.sae_encode(h, "my_sae")                    # an SAE loaded with s.load_sae
+>>> s.steer(6, edit=dj.ops.sae_decode(f, "my_sae"))       # splice its reconstruction in
 
 An expression is plain data on the wire (``djinn_protocol.expressions``): no code is sent.
 ``h`` is the activation at the rule's site, [positions, width]; vectors are over the last
@@ -22,7 +24,7 @@ from djinn_protocol.expressions import OPS, check, describe
 
 __all__ = ["Expr", "h", "const", "dot", "norm", "project", "ablate", "clamp", "where",
            "minimum", "maximum", "relu", "softmax", "topk_mask", "abs", "exp", "log", "tanh",
-           "sigmoid", "sqrt", "sum", "mean", "plugin", "OPS"]
+           "sigmoid", "sqrt", "sum", "mean", "plugin", "sae_encode", "sae_decode", "OPS"]
 
 
 def _node(value: Any) -> dict:
@@ -101,6 +103,19 @@ def plugin(name: str, *args) -> Expr:
     """A trusted function the server's operator loaded with ``--plugin module:function``,
     called by name: ``plugin("sae_splice", h, const(k))``. Code never travels."""
     return Expr({"op": "plugin", "name": str(name), "args": [_node(a) for a in args]})
+
+
+def sae_encode(x, sae: str) -> Expr:
+    """The feature activations [..., d_sae] of ``x`` under the SAE the session loaded as
+    ``sae`` (``s.load_sae``): ``where(pre > threshold, pre, 0)``, ``pre = (x - b_dec) @ W_enc
+    + b_enc``. The server puts the SAE's weights into the rule (checkpoints and files keep them)."""
+    return Expr({"op": "sae_encode", "sae": str(sae), "args": [_node(x)]})
+
+
+def sae_decode(f, sae: str) -> Expr:
+    """The SAE's reconstruction ``f @ W_dec + b_dec`` [..., d_in] of features ``f``;
+    ``h - sae_decode(sae_encode(h, n), n)`` is its reconstruction error."""
+    return Expr({"op": "sae_decode", "sae": str(sae), "args": [_node(f)]})
 
 
 def _fn(op: str):

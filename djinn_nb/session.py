@@ -58,6 +58,8 @@ class Session:
         self.layer_devices: list = info.get("layer_devices", [self.device] * self.layers)
         self.last_event: Optional[Event] = None
         self._closed = False
+        #: the SAEs loaded through this proxy (``load_sae``), name -> description
+        self.saes: dict = {}
 
     def _request(self, name: str, **kwargs):
         if self._closed:
@@ -111,16 +113,25 @@ class Session:
     def steer(self, layer: Optional[int] = None, *, scale: Optional[float] = None, add=None,
               alpha: float = 1.0, set=None, edit=None, positions: Positions = "all", phase: str = "both",
               steps: Optional[Sequence[int]] = None, site: str = "resid",
-              head: Optional[int] = None, rows: Optional[Sequence[int]] = None) -> dict:
+              head: Optional[int] = None, rows: Optional[Sequence[int]] = None,
+              sae: Optional[str] = None, feature: Optional[int] = None,
+              clamp: Optional[float] = None) -> dict:
         """A standing edit of block ``layer``'s output on every step (no pause):
         ``scale`` (h <- s*h), ``add`` (h <- h + alpha*v, v of shape [hidden]) or ``set``
         (patching: ``set=cached_rows, positions=[...]``). ``site`` as in ``breakpoint``;
         ``site="heads", head=3, scale=0.0`` zero-ablates head 3 (vectors are then
         [head_dim]). ``rows``: in a batched generation, only these prompts (default all).
         ``edit``: an expression over the activation ``h`` (``dj.ops``), evaluated on the server,
-        e.g. ``edit=dj.ops.ablate(dj.ops.h, v)`` (direction ablation)."""
+        e.g. ``edit=dj.ops.ablate(dj.ops.h, v)`` (direction ablation).
+
+        ``sae=name, feature=i``: steer by a feature of a loaded SAE (``load_sae``), at the
+        SAE's layer and site: add ``alpha`` x its decoder direction, or with ``clamp=c`` set
+        its activation to ``c`` and add the SAE's reconstruction error back
+        (``decode(f with f[i]=c) + (h - decode(f))``, an expression over ``dj.ops.sae_encode``)."""
         return self._request("steer", layer=layer, scale=scale, add=add, alpha=alpha, set=set,
-                             edit=_expression(edit),
+                             edit=_expression(edit), sae=sae,
+                             feature=None if feature is None else int(feature),
+                             clamp=None if clamp is None else float(clamp),
                           positions=_positions(positions), phase=phase, site=site, head=head,
                           rows=None if rows is None else [int(r) for r in np.atleast_1d(rows)],
                           steps=None if steps is None else list(np.atleast_1d(steps).tolist()))
@@ -306,6 +317,30 @@ class Session:
                             reduce=reduce)
         return ActivationCache(raw["grads"], reduce, metric=float(raw["metric"]))
 
+    # ---- sparse autoencoders ---------------------------------------------------------------
+    def load_sae(self, path: str, layer: Optional[int] = None, site: Optional[str] = None,
+                 name: Optional[str] = None) -> dict:
+        """Load a sparse autoencoder saved in SAELens's format (a directory with cfg.json and
+        sae_weights.safetensors: W_enc, b_enc, W_dec, b_dec[, threshold]) from ``path`` on the
+        *server* (absolute). It reads ``site`` of ``layer`` (a site name, or a TransformerLens
+        hook name such as "blocks.6.hook_resid_post"; default: its cfg.json's ``hook_name``);
+        ``d_in`` must be that site's width. Kept by this session as ``name`` (default: the
+        directory's name); returns its description (name, layer, site, d_in, d_sae, ...)."""
+        info = self._request("load_sae", path=str(path), layer=layer, site=site, sae=name)
+        self.saes[info["name"]] = info
+        return info
+
+    def sae_features(self, prompt=None, *, sae: str, k: int = 10,
+                     features: Optional[Sequence[int]] = None, steering=None) -> "SAEFeatures":
+        """The top-``k`` features of SAE ``sae`` at each position, computed and reduced on the
+        server: over ``prompt`` (one forward pass; ``steering`` as in ``cache``), or with no
+        prompt at the current pause (which must be at the SAE's layer and site).
+        ``features``: also those features' activations at every position."""
+        from .analysis import SAEFeatures
+        return SAEFeatures(self._request(
+            "sae_features", sae=sae, prompt=prompt, k=k, steering=_rule_dicts(steering),
+            features=None if features is None else [int(f) for f in np.atleast_1d(features)]))
+
     def to_str_tokens(self, text) -> list:
         """The text of each token of ``text`` as the server's tokenizer splits it."""
         return self._request("to_str_tokens", text=text)
@@ -353,6 +388,17 @@ class Session:
         return self._request("logit_lens", k=k, positions=_positions(positions))
 
     # ---- lifetime ---------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        """True once the session was closed (``close()``) or lost with its server."""
+        return self._closed
+
+    def move(self, target="least-loaded") -> dict:
+        """Continue this (paused) session on another replica of its cluster: ``"least-loaded"``
+        or a replica's name (see :func:`djinn_nb.move`; needs a ``cluster://`` connection)."""
+        from .cluster import move
+        return move(self, target)
+
     def close(self) -> None:
         """Release the session (and its KV cache) on the server; later calls raise
         ``SessionClosedError``. Closing twice is a no-op."""

@@ -137,7 +137,8 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("steer", "session.steer", (
         SESSION, _p("layer:int?", None), *_EDIT, _p("phase:str", "both"),
         _p("steps:any", None), _p("site:str", "resid"), _p("head:int?", None),
-        _p("rows:any", None)), "the rule"),
+        _p("rows:any", None), _p("sae:str?", None), _p("feature:int?", None),
+        _p("clamp:float?", None)), "the rule"),
     Call("clear_steering", "session.clear_steering", (SESSION, _p("rule_id:int?", None)),
          "how many were removed"),
     # ---- while paused ----------------------------------------------------------------------
@@ -176,6 +177,13 @@ CALLS: dict[str, Call] = {c.name: c for c in [
         SESSION, _p("prompt:any"), _p("metric:str", "logit_diff"), _p("answer:list?", None),
         _p("target:int?", None), _p("start:int?", None), _p("sites:any", ["resid"]),
         _p("layers:any", None), _p("reduce:str?", None)), "{grads: by site key, metric}"),
+    Call("load_sae", "session.load_sae", (
+        SESSION, _p("path:str"), _p("layer:int?", None), _p("site:str?", None),
+        _p("sae:str?", None)), "the SAE's description (name, layer, site, d_in, d_sae, ...)"),
+    Call("sae_features", "session.sae_features", (
+        SESSION, _p("sae:str"), _p("prompt:any", None), _p("k:int", 10),
+        _p("features:list?", None), _p("steering:any", None)),
+         "top-k features per position {indices, values, l0, recon_error, positions, ...}"),
     Call("to_str_tokens", "session.to_str_tokens", (SESSION, _p("text:any")), "token texts"),
     Call("tokenize", "session.tokenize", (SESSION, _p("text:str")), "token ids"),
     Call("decode", "session.decode", (SESSION, _p("tokens:list")), "text"),
@@ -193,6 +201,22 @@ CALLS: dict[str, Call] = {c.name: c for c in [
          "{port, nonce}: where to send the file"),
     Call("import_checkpoint", "server.import_checkpoint", (
         _p("upload:str"), _p("session:str?", None)), "{checkpoint, session}"),
+    # ---- a cluster (kernel_server.cluster, issue 20) ----------------------------------------
+    # answered by the cluster's directory (a kernel server refuses them):
+    Call("cluster_status", "server.cluster_status", (), "{replicas: [...], models: {...}}"),
+    Call("cluster_place", "server.cluster_place", (_p("model:str"), _p("exclude:list", [])),
+         "the least-loaded healthy replica serving model"),
+    Call("cluster_relay", "server.cluster_relay", (
+        _p("source:str"), _p("offer:dict"), _p("target:str"), _p("upload:dict")),
+         "{nbytes}: a checkpoint file streamed from one replica's offer to another's upload"),
+    Call("cluster_moved", "server.cluster_moved", (_p("replica:str"), _p("sessions:list")),
+         "where the drain moved these sessions of replica: [{session, replica, address, moved_to}]"),
+    # answered by a replica to the cluster operator (its directory) only:
+    Call("cluster_load", "server.cluster_load", (), "{sessions by state, memory, checkpoint bytes}"),
+    Call("handover_out", "server.handover_out", (),
+         "[{session, principal, model, state, offer}] of every paused or ready session"),
+    Call("handover_in", "server.handover_in", (_p("upload:str"), _p("principal:str")),
+         "{session}: the file restored into a session kept for principal to attach"),
 ]}
 
 

@@ -9,6 +9,12 @@ meta device) before anything runs, and evaluates them with torch.
 
 Vectors are over the hidden axis (the last); ``dot`` / ``norm`` reduce it and keep it as
 size 1, so ``h - dot(h, v) * v`` is a direction ablation for a unit vector ``v``.
+
+``sae_encode`` / ``sae_decode`` run a sparse autoencoder the session loaded
+(``load_sae``), named by its ``"sae"`` key: ``sae_encode(x)`` is its feature activations
+[..., d_sae], ``sae_decode(f)`` its reconstruction [..., d_in]. The server resolves the name
+to the SAE's weights as constants (``SAE_ARGS``): a rule carries them into checkpoints and
+files, and a client may send an SAE inline in that form too.
 """
 from __future__ import annotations
 
@@ -34,7 +40,14 @@ OPS: dict[str, int | None] = {
     "softmax": 1, "topk_mask": 2,
     # a trusted function the server's operator loaded (``--plugin module:function``), by name
     "plugin": -1,
+    # a sparse autoencoder, by its name (1 argument) or inline (its weights as constants)
+    "sae_encode": -1, "sae_decode": -1,
 }
+#: the arguments of an inline SAE op after the input: sae_encode(x, W_enc [d_in, d_sae],
+#: b_enc [d_sae], b_dec [d_in] (subtracted from x first; zeros when the SAE does not),
+#: threshold [d_sae]) = where(pre > threshold, pre, 0) with pre = (x - b_dec) @ W_enc + b_enc
+#: (a ReLU SAE has threshold 0); sae_decode(f, W_dec [d_sae, d_in], b_dec [d_in]) = f @ W_dec + b_dec
+SAE_ARGS = {"sae_encode": ("W_enc", "b_enc", "b_dec", "threshold"), "sae_decode": ("W_dec", "b_dec")}
 MAX_PLUGIN_ARGS = 8
 MAX_NODES = 256
 MAX_DEPTH = 48
@@ -60,7 +73,7 @@ def check(tree: Any) -> int:
         if op not in OPS:
             raise InvalidEditError(f"unknown expression op {op[:40]!r}; known: {', '.join(OPS)}")
         allowed = {"op", "args"} | ({"value"} if op == "const" else set()) | \
-            ({"name"} if op == "plugin" else set())
+            ({"name"} if op == "plugin" else set()) | ({"sae"} if op in SAE_ARGS else set())
         extra = set(node) - allowed
         if extra:
             raise InvalidEditError(f"expression node {op!r} has unknown keys {sorted(extra)[:5]}")
@@ -78,6 +91,13 @@ def check(tree: Any) -> int:
                 raise InvalidEditError("a 'plugin' node needs the plugin's 'name'")
             if not isinstance(args, list) or not 0 < len(args) <= MAX_PLUGIN_ARGS:
                 raise InvalidEditError(f"a plugin takes 1..{MAX_PLUGIN_ARGS} arguments")
+        elif op in SAE_ARGS:
+            name = node.get("sae")
+            if not isinstance(name, str) or not 0 < len(name) <= 64:
+                raise InvalidEditError(f"an {op!r} node needs the 'sae' name of a loaded SAE")
+            if not isinstance(args, list) or len(args) not in (1, 1 + len(SAE_ARGS[op])):
+                raise InvalidEditError(f"{op!r} takes 1 argument (the SAE by name) or "
+                                       f"{1 + len(SAE_ARGS[op])} (its weights inline)")
         elif not isinstance(args, list) or len(args) != arity:
             raise InvalidEditError(f"{op!r} takes {arity} argument{'s' if arity > 1 else ''}")
         stack.extend((a, depth + 1) for a in args)
@@ -94,6 +114,8 @@ def describe(node: dict, depth: int = 0) -> str:
     if op == "const":
         value = node["value"]
         return f"{value:g}" if isinstance(value, (int, float)) else f"const{list(getattr(value, 'shape', []))}"
+    if op in SAE_ARGS:
+        return f"{op}[{node['sae']}]({describe(node['args'][0], depth + 1)})"
     name = node["name"] if op == "plugin" else op
     return f"{name}({', '.join(describe(a, depth + 1) for a in node['args'])})"
 

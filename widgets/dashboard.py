@@ -30,7 +30,7 @@ from .worker import Worker
 CONTROL_NAMES = ("prompt", "max_new_tokens", "layer_picker", "bp_site", "bp_phase", "bp_steps",
                  "steer_layer", "steer_site", "steer_op", "scale", "alpha", "vector_seed", "auto")
 VIEW_NAMES = ("progress", "status", "message", "token_view", "div_fig", "lat_fig", "paused_info",
-              "lens_view", "norm_fig", "heat_fig", "checkpoint_list", "info", "memory_view",
+              "lens_view", "sae_view", "norm_fig", "heat_fig", "checkpoint_list", "info", "memory_view",
               "server_picker")
 
 
@@ -240,6 +240,6 @@ class Dashboard(W.VBox):
             self.token_view,
             self.div_fig,
             self.lat_fig,
-            box("paused state", self.paused_info, self.lens_view,
+            box("paused state", self.paused_info, self.lens_view, self.sae_view,
                 W.HBox([self.norm_fig, self.heat_fig])),
         ]

@@ -227,7 +227,11 @@ class SessionDriver:
         if norms.ndim == 2:              # heads: [positions, heads] -> the whole row's norm
             norms = np.linalg.norm(norms, axis=-1)
         lens = sess.logit_lens(k=5) if ev.site in ("resid", "attn", "mlp") else None
-        self.state.set_pause(ev, norms, lens)
+        # an SAE the session loaded that reads this layer and site: its top features here
+        sae = next((name for name, info in getattr(sess, "saes", {}).items()
+                    if (info["layer"], info["site"]) == (ev.layer, ev.site)), None)
+        feats = None if sae is None else sess.sae_features(sae=sae, k=5)
+        self.state.set_pause(ev, norms, lens, feats)
         self.state.say(f"paused at layer {ev.layer}, step {ev.step}: "
                        "Step / Resume / Stop / Scan layers")
 

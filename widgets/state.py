@@ -98,6 +98,7 @@ class DashboardState:
         self.steered_label = "steered"
         self.prompt: Optional[str] = None           # of the runs shown
         self.paused = self.last_pause = None        # dj.Paused
+        self.sae_features = None                    # SAEFeatures at the last pause
         self.pause_norms, self.lens = None, None
         self.ready, self.restored = False, None     # after restore(): the entry
         self.norms: dict = {}                       # (layer, step) -> norm
@@ -179,9 +180,10 @@ class DashboardState:
         self.emit("results", "latency", "checkpoints")
 
     # ---- pauses -------------------------------------------------------------------
-    def set_pause(self, ev, norms, lens: Optional[dict]) -> None:
+    def set_pause(self, ev, norms, lens: Optional[dict], sae_features=None) -> None:
         self.paused = self.last_pause = ev
         self.pause_norms, self.lens, self.restored = norms, lens, None
+        self.sae_features = sae_features          # dj SAEFeatures at this pause, or None
         self.norms[(ev.layer, ev.step)] = float(norms[-1])
         self.progress = (ev.step, self.progress[1])
         self.emit("pause", "status")

@@ -102,6 +102,7 @@ class PauseView:
     def __init__(self, layers: int, max_new_tokens: int):
         self.paused_info = W.HTML(NOT_PAUSED)
         self.lens_view = W.HTML("")
+        self.sae_view = W.HTML("")      # SAE features, when one of the session's SAEs reads here
         self.norm_fig = go.FigureWidget(plots.activation_norms())
         self.heat_fig = go.FigureWidget(plots.layer_heatmap(layers=layers, steps=max_new_tokens))
         for f in (self.norm_fig, self.heat_fig):
@@ -115,6 +116,8 @@ class PauseView:
         self.paused_info.value = _pause_html(state)
         self.lens_view.value = "" if ev is None else (
             _lens_html(state.lens) if state.lens is not None else NO_LENS)
+        self.sae_view.value = "" if ev is None or state.sae_features is None else \
+            _sae_html(state.sae_features)
         norms = state.pause_norms if ev is not None else None
         copy_figure(self.norm_fig, plots.activation_norms(
             norms, start=ev.start if ev else 0, layer=ev.layer if ev else None,
@@ -147,6 +150,17 @@ def _lens_html(lens: dict) -> str:
         for t, p in zip(lens["top_tokens"][0], lens["top_probs"][0]))
     return (f"<table><tr><td><b>logit lens</b> (position {lens['positions'][0]}, "
             f"probabilities):</td>{cells}</tr></table>")
+
+
+def _sae_html(feats) -> str:
+    """The paused state's SAE features at the last position: the top ones and their
+    activations (``Session.sae_features``), with the position's L0 and reconstruction error."""
+    top = feats.top(-1)
+    cells = "".join(f"<td style='padding:0 8px'><code>#{i}</code> {v:.3g}</td>" for i, v in top) \
+        or "<td style='padding:0 8px'><i>no active feature</i></td>"
+    return (f"<table><tr><td><b>SAE {html.escape(str(feats.sae))}</b> (position "
+            f"{feats.positions[-1]}, L0 {int(feats.l0[-1])}, error {float(feats.recon_error[-1]):.2f}):"
+            f"</td>{cells}</tr></table>")
 
 
 class CheckpointView:

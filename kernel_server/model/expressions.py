@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from djinn_protocol.errors import InvalidEditError
-from djinn_protocol.expressions import MAX_CONST_ELEMENTS, check, describe
+from djinn_protocol.expressions import MAX_CONST_ELEMENTS, SAE_ARGS, check, describe
 
 
 #: trusted intervention functions the server's operator loaded at start (``--plugin``):
@@ -110,6 +110,13 @@ def _evaluate(node, h, consts, bases, dtype, device):
         value = next(consts)
         return value if isinstance(value, float) else value.to(device=device, dtype=dtype)
     args = [_evaluate(a, h, consts, bases, dtype, device) for a in node["args"]]
+    if op == "sae_encode":      # (inline: kernel_server.model.sae.resolve_names made it so)
+        x, w_enc, b_enc, b_dec, threshold = args
+        pre = (x - b_dec) @ w_enc + b_enc
+        return torch.where(pre > threshold, pre, torch.zeros_like(pre))
+    if op == "sae_decode":
+        f, w_dec, b_dec = args
+        return f @ w_dec + b_dec
     if op == "plugin":
         return PLUGINS[node["name"]](*args)
     if op in ("project", "ablate"):
@@ -134,6 +141,7 @@ def _evaluate(node, h, consts, bases, dtype, device):
 def _constants(tree: dict, width: int) -> tuple[list, list]:
     """The const nodes' values (checked) in evaluation order, and the bases of projections."""
     consts, bases, total = [], [], 0
+    seen: dict = {}          # the same array twice (an SAE used twice) is checked and held once
 
     def walk(node):
         nonlocal total
@@ -147,14 +155,20 @@ def _constants(tree: dict, width: int) -> tuple[list, list]:
                 return
             if not isinstance(value, np.ndarray) or value.ndim not in (1, 2) or value.size == 0:
                 raise InvalidEditError("an expression constant must be a number, a vector or a matrix")
+            if id(value) in seen:
+                consts.append(seen[id(value)][1])
+                return
             total += value.size
             if total > MAX_CONST_ELEMENTS:
                 raise InvalidEditError(f"an expression's constants may hold at most "
                                        f"{MAX_CONST_ELEMENTS} values")
             if value.dtype.kind not in "fiub" or not np.isfinite(value).all():
                 raise InvalidEditError("expression constants must be finite numbers")
-            consts.append(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+            seen[id(value)] = (value, torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+            consts.append(seen[id(value)][1])
             return
+        if op in SAE_ARGS:
+            _check_sae_node(node, width)
         for a in node.get("args", []):
             walk(a)
         if op in ("project", "ablate"):
@@ -174,6 +188,24 @@ def _constants(tree: dict, width: int) -> tuple[list, list]:
     return consts, bases
 
 
+def _check_sae_node(node: dict, width: int) -> None:
+    """An SAE node must be inline (its name resolved by the session) with consistent shapes."""
+    op, args = node["op"], node["args"]
+    if len(args) == 1:
+        raise InvalidEditError(f"no SAE named {node['sae'][:64]!r} is loaded here (s.load_sae(path))")
+    values = [a.get("value") if a["op"] == "const" else None for a in args[1:]]
+    if not all(isinstance(v, np.ndarray) for v in values):
+        raise InvalidEditError(f"an inline {op}'s weights must be constant arrays")
+    w = values[0]
+    if w.ndim != 2:
+        raise InvalidEditError(f"{op}: {SAE_ARGS[op][0]} must be a matrix")
+    d_in, d_sae = w.shape if op == "sae_encode" else w.shape[::-1]
+    want = [[d_in, d_sae], [d_sae], [d_in], [d_sae]] if op == "sae_encode" else [[d_sae, d_in], [d_in]]
+    for name, v, shape in zip(SAE_ARGS[op], values, want):
+        if list(v.shape) != shape:
+            raise InvalidEditError(f"{op}: {name} is {list(v.shape)}, expected {shape}")
+
+
 def _plugin_names(node) -> set:
     names = {node["name"]} if node["op"] == "plugin" else set()
     for a in node.get("args", []):
@@ -187,7 +219,9 @@ def compile_expression(tree, width: int, dtype: torch.dtype, device="cpu") -> Ex
     for anything that would not run or not give ``h``'s shape."""
     check(tree)
     consts, bases = _constants(tree, width)
-    consts = [c if isinstance(c, float) else c.to(device=device, dtype=dtype) for c in consts]
+    moved: dict = {}           # one copy on the device per array (an SAE used twice: once)
+    consts = [c if isinstance(c, float) else
+              moved.setdefault(id(c), c.to(device=device, dtype=dtype)) for c in consts]
     bases = [b.to(device=device, dtype=dtype) for b in bases]
     expr = Expression(tree, describe(tree), tuple(consts), tuple(bases))
     plugins = _plugin_names(tree)

@@ -7,6 +7,10 @@ A site is where a breakpoint pauses, a steering rule edits and a cache reads:
 - ``mlp``: the MLP sub-block's output, before the residual add;
 - ``heads``: the per-head attention output, the input of the attention output
   projection, seen as [positions, heads, head_dim];
+- ``resid_mid``: the residual stream between the attention and the MLP sub-blocks (the
+  input of the norm before the MLP), read-only: the block keeps its own reference to that
+  tensor for the residual add, so an edit there would reach the MLP only. Sequential
+  blocks only (GPT-2, Llama, Gemma ...; not parallel attention + MLP: GPT-J, NeoX, Phi);
 - ``attn_pattern``: attention probabilities [heads, query, key], read-only, from a
   one-shot pass run with the eager attention implementation (``cache``/``logit_lens``
   style calls only: the decode loop runs a fused kernel that never forms them);
@@ -24,12 +28,17 @@ import torch
 
 from djinn_protocol.errors import InvalidArgumentError, UnsupportedModelError
 
-SITES = ("resid", "attn", "mlp", "heads", "attn_pattern")
+SITES = ("resid", "attn", "mlp", "heads", "attn_pattern", "resid_mid")
+#: sites a breakpoint, a rule or an edit may not name (cache and grad read them)
+READ_ONLY = ("attn_pattern", "resid_mid")
 MODULE_PREFIX = "module:"
 
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe")   # (the last two: MoE blocks)
 _OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "wo")
+# the norm whose input is the residual stream between attention and MLP, by preference
+# (Gemma's post_attention_layernorm normalises the attention output: its pre_feedforward one)
+_MID_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
 _FINAL_NORMS = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm",
                 "model.decoder.final_layer_norm", "transformer.norm_f", "model.final_layernorm")
 
@@ -92,6 +101,14 @@ def resolve(loaded, layer: int, name: str) -> Site:
     if name in ("attn", "attn_pattern"):
         heads, head_dim = head_geometry(loaded)
         return Site(layer, name, attn, heads=heads, head_dim=head_dim)
+    if name == "resid_mid":
+        cfg = loaded.model.config
+        norm = _child(block, _MID_NORM_NAMES)
+        if norm is None or getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "parallel_attn", False):
+            raise UnsupportedModelError(
+                f"{type(block).__name__} has no residual stream between attention and MLP "
+                f"(parallel sub-blocks, or no norm named {', '.join(_MID_NORM_NAMES)} before the MLP)")
+        return Site(layer, name, norm, pre=True)
     if name == "mlp":
         mlp = _child(block, _MLP_NAMES)
         if mlp is None:
@@ -159,4 +176,32 @@ def from_hook_name(loaded, layer, name):
         if path is None:
             raise UnsupportedModelError(f"{type(loaded.model).__name__} has no final norm")
         return None, MODULE_PREFIX + path
+    if site == "pos_embed":
+        modules = loaded.module_index
+        path = next((p for p in _POS_EMBEDS if p in modules), None)
+        if path is None:
+            raise UnsupportedModelError(f"{type(loaded.model).__name__} has no learned position "
+                                        "embedding (rotary models add positions inside attention)")
+        return None, MODULE_PREFIX + path
+    if site in hook_names.MODULE_SITES:         # q/k/v projections, the block's norms
+        block = loaded.layers[_layer_index(tl_layer, loaded)]
+        owner = _child(block, _ATTN_NAMES) if site in ("q", "k", "v") else block
+        names = hook_names.MODULE_SITES[site]
+        child = None if owner is None else _child(owner, names)
+        if child is None:
+            what = ("separate query/key/value projections (GPT-2 computes them in one fused "
+                    "c_attn: read site 'module:...attn.c_attn' instead)" if site in ("q", "k", "v")
+                    else f"a norm named {', '.join(names)}")
+            raise UnsupportedModelError(f"{type(block).__name__} has no {what}: {name} is not mapped "
+                                        "for this model")
+        path = next(p for p, m in loaded.module_index.items() if m is child)
+        return None, MODULE_PREFIX + path
     return tl_layer, site
+
+
+def _layer_index(layer: int, loaded) -> int:
+    from kernel_server.model import validation
+    return validation.layer(layer, loaded.num_layers)
+
+
+_POS_EMBEDS = ("transformer.wpe", "model.decoder.embed_positions")

@@ -8,6 +8,7 @@ import numpy as np
 
 from djinn_protocol.errors import InvalidArgumentError, LimitExceededError
 from kernel_server.model import sites, validation
+from kernel_server.model import sites as site_names   # (where a parameter is named sites)
 from kernel_server.runtime.states import FINISHED, IDLE, PAUSED, READY
 
 
@@ -66,8 +67,14 @@ class OneShotPasses:
             return list(self.interventions.rules)
         if steering is None:
             return []
+        if isinstance(steering, list):        # SAEs named in expressions: their weights inline
+            from kernel_server.model.sae import resolve_names
+            steering = [{**d, "edit": resolve_names(d["edit"], self.saes)}
+                        if isinstance(d, dict) and "edit" in d else d for d in steering]
         rules = validation.rules(steering, self.loaded, self.limits)
         for r in rules:
+            if r.site in sites.READ_ONLY:
+                raise InvalidArgumentError(f"site {r.site!r} is read-only: no steering rule there")
             self.loaded.hooks.install_site(sites.resolve(self.loaded, r.layer, r.site))
         return rules
 
@@ -213,7 +220,8 @@ class OneShotPasses:
             for name in sites:
                 for layer in self._layers_arg(layers):
                     resolved, _, _, _ = self._site(layer, name, writable=False)
-                    if resolved.layer < 0 or resolved.name == "attn_pattern":
+                    if resolved.layer < 0 or resolved.name in site_names.READ_ONLY:
+                        # (resid_mid: a gradient there would miss the residual path)
                         raise InvalidArgumentError("gradients are taken at block sites (resid, attn, "
                                                    f"mlp, heads), not {name!r:.80}")
                     if resolved.key not in keys:
@@ -262,3 +270,89 @@ class OneShotPasses:
             ids = validation.prompt_ids(text, self.loaded.tokenizer, False, self.limits,
                                         self.loaded.vocab_size)
             return [self.loaded.tokenizer.decode([t]) for t in ids]
+
+    # ---- sparse autoencoders --------------------------------------------------------------
+    def load_sae(self, path, layer=None, site=None, sae=None) -> dict:
+        """Load the SAE saved (SAELens's format) in the server directory ``path`` for the site
+        it reads: ``layer``/``site`` (a site name or a TransformerLens hook name), by default
+        the ``hook_name`` of its cfg.json. Checked against the site's width; kept by this
+        session under the name ``sae`` (default: the directory's name)."""
+        from pathlib import Path
+
+        from kernel_server.model import sae as saes
+        with self._lock:
+            self._require(IDLE, PAUSED, FINISHED, READY)
+            cfg, tensors = saes.read_files(path)
+            name = sae
+            if name is None:
+                name = Path(path).name or "sae"
+            if not isinstance(name, str) or not 0 < len(name) <= 64:
+                raise InvalidArgumentError("name must be a str of 1..64 characters")
+            if name not in self.saes and len(self.saes) >= saes.MAX_SAES_PER_SESSION:
+                raise LimitExceededError(f"a session holds at most {saes.MAX_SAES_PER_SESSION} SAEs")
+            if site is None:
+                site = saes.hook_name_of(cfg)
+                if site is None:
+                    raise InvalidArgumentError("the SAE's cfg.json names no hook_name: give layer= "
+                                               "and site=")
+                if layer is None and not site.startswith("blocks."):
+                    raise InvalidArgumentError(f"the SAE's hook_name {site!r:.80} is not a block "
+                                               "site: give layer= and site=")
+            elif layer is None and not site.startswith("blocks."):
+                raise InvalidArgumentError("give layer= (or a hook name such as "
+                                           "'blocks.6.hook_resid_post' as site=)")
+            resolved, _, width, device = self._site(layer, site, writable=False)
+            if resolved.name not in saes.SAE_SITES:
+                raise InvalidArgumentError(f"an SAE reads a block site ({', '.join(saes.SAE_SITES)}), "
+                                           f"not {resolved.name!r:.80}")
+            sae = saes.build(cfg, tensors, name, resolved.layer, resolved.name, width, device)
+            self.saes[name] = sae
+            return sae.info()
+
+    def _sae_arg(self, name):
+        if not isinstance(name, str) or name not in self.saes:
+            raise InvalidArgumentError(f"no SAE named {str(name)[:64]!r} is loaded in this session "
+                                       f"(loaded: {', '.join(self.saes) or 'none'}; s.load_sae(path))")
+        return self.saes[name]
+
+    def sae_features(self, sae, prompt=None, k=10, features=None, steering=None) -> dict:
+        """The SAE's top-``k`` features at each position (and ``features``' activations),
+        reduced on the server: over ``prompt`` (one forward pass), or with no prompt at the
+        paused activation, which must be the SAE's layer and site."""
+        import torch
+
+        from kernel_server.model import passes as analysis
+        from kernel_server.model.sae import top_features
+        with self._lock:
+            spec = self._sae_arg(sae)
+            k = validation.integer(k, "k", 1, min(1000, spec.d_sae))
+            if features is not None:
+                if not isinstance(features, list) or not 0 < len(features) <= 1024:
+                    raise InvalidArgumentError("features must be a list of 1..1024 feature indices")
+                features = [validation.integer(f, "feature", 0, spec.d_sae - 1) for f in features]
+            if prompt is None:
+                self._require(PAUSED)
+                point = self.run.pause
+                if (point.layer, point.site) != (spec.layer, spec.site):
+                    raise InvalidArgumentError(
+                        f"SAE {spec.name!r} reads layer {spec.layer} site {spec.site!r}; the session "
+                        f"is paused at layer {point.layer} site {point.site!r}")
+                if steering is not None:
+                    raise InvalidArgumentError("steering= applies to a prompt's pass, not a pause")
+                x = point.hidden[0]
+                out = top_features(spec, x, k, features)
+                out["positions"] = list(range(point.start, point.start + int(x.shape[0])))
+                out["step"] = point.step
+            else:
+                self._require(IDLE, PAUSED, FINISHED, READY)
+                ids = validation.prompt_ids(prompt, self.loaded.tokenizer, False, self.limits,
+                                            self.loaded.vocab_size)
+                raw = analysis.cache(self.loaded, ids, [(spec.layer, spec.site)], None,
+                                     self._rules_arg(steering))
+                x = torch.from_numpy(raw[spec.site][str(spec.layer)])
+                out = top_features(spec, x, k, features)
+                out["positions"] = list(range(len(ids)))
+                out["tokens"] = [self.loaded.tokenizer.decode([t]) for t in ids]
+            out.update(sae=spec.name, layer=spec.layer, site=spec.site, k=k,
+                       features=features)
+            return out

@@ -16,8 +16,9 @@ from concurrent.futures import Future
 import numpy as np
 import torch
 
-from djinn_protocol.errors import (CheckpointError, InvalidArgumentError, LimitExceededError,
-                             NotPausedError, SessionBusyError, SessionClosedError)
+from djinn_protocol.errors import (CheckpointError, InvalidArgumentError, InvalidEditError,
+                             LimitExceededError, NotPausedError, SessionBusyError,
+                             SessionClosedError)
 from kernel_server.model import sites
 from kernel_server.model import validation
 from kernel_server.checkpoints.snapshot import Checkpoint, cache_from_host, copy_interventions
@@ -44,6 +45,7 @@ class Session(OneShotPasses):
         self.run: GenerationRun | None = None
         self._rule_ids = itertools.count(1)
         self._lock = threading.RLock()   # one call at a time per session
+        self.saes: dict = {}             # name -> kernel_server.model.sae.SAE (load_sae)
 
     # ---- info ---------------------------------------------------------------------------
     def info(self) -> dict:
@@ -283,9 +285,11 @@ class Session(OneShotPasses):
 
     def edit(self, scale=None, add=None, alpha=1.0, set=None, edit=None, positions="all",
              head=None) -> dict:
-        args = dict(scale=scale, add=add, alpha=alpha, set=set, edit=edit, positions=positions)
+        from kernel_server.model.sae import resolve_names
         with self._lock:
             self._require(PAUSED)
+            args = dict(scale=scale, add=add, alpha=alpha, set=set, positions=positions,
+                        edit=resolve_names(edit, self.saes))
             point = self.run.pause
             width = int(point.hidden.shape[-1])
             head_dim = 0
@@ -307,6 +311,10 @@ class Session(OneShotPasses):
         """Resolve and hook a site; (Site, head, vector width, device of its tensors).
         A TransformerLens hook name (``blocks.6.hook_resid_post``) names layer and site."""
         layer, site = sites.from_hook_name(self.loaded, layer, site)
+        if writable and site == "resid_mid":
+            raise InvalidArgumentError("resid_mid is read-only (the block adds the residual from its "
+                                       "own reference: an edit there would reach the MLP only); read "
+                                       "it with cache() or grad()")
         resolved, head, width = validation.site(self.loaded, layer, site, head, writable)
         self.loaded.hooks.install_site(resolved)
         if resolved.layer >= 0:
@@ -343,10 +351,17 @@ class Session(OneShotPasses):
 
     def steer(self, layer=None, scale=None, add=None, alpha=1.0, set=None, edit=None,
               positions="all", phase="both", steps=None, site="resid", head=None,
-              rows=None) -> dict:
-        args = dict(scale=scale, add=add, alpha=alpha, set=set, edit=edit, positions=positions)
+              rows=None, sae=None, feature=None, clamp=None) -> dict:
+        from kernel_server.model.sae import resolve_names
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
+            if sae is not None:
+                layer, site, add, edit = self._sae_rule(layer, site, sae, feature, clamp,
+                                                        (scale, add, set, edit, head))
+            elif feature is not None or clamp is not None:
+                raise InvalidArgumentError("feature= and clamp= steer by an SAE feature: give sae= too")
+            args = dict(scale=scale, add=add, alpha=alpha, set=set, positions=positions,
+                        edit=resolve_names(edit, self.saes))
             resolved, head, width, device = self._site(layer, site, head)
             # its vector lives on the site's device (no copy per step)
             op = validation.edit_op(args, width, device, self.loaded.dtype, standing=True)
@@ -363,6 +378,35 @@ class Session(OneShotPasses):
             self.interventions.rules.append(rule)
             self._refresh()
             return rule.describe()
+
+    def _sae_rule(self, layer, site, name, feature, clamp, others) -> tuple:
+        """(layer, site, add, edit) of a rule on SAE feature ``feature``: ``add`` its decoder
+        direction (times alpha), or with ``clamp`` an expression that sets the feature's
+        activation to ``clamp`` and adds the SAE's reconstruction error back:
+        ``decode(f with f[i] = clamp) + (h - decode(f))``, ``f = encode(h)``."""
+        sae = self._sae_arg(name)
+        if any(x is not None for x in others):
+            raise InvalidEditError("steering by an SAE feature takes sae=, feature= and alpha= or "
+                                   "clamp=; not scale=, add=, set=, edit= or head=")
+        if feature is None:
+            raise InvalidArgumentError("sae= needs feature= (the index of one of its features)")
+        feature = validation.integer(feature, "feature", 0, sae.d_sae - 1)
+        if layer is not None and layer != sae.layer:
+            raise InvalidArgumentError(f"SAE {sae.name!r} reads layer {sae.layer}, not {layer!r:.40}")
+        if site not in ("resid", sae.site):
+            raise InvalidArgumentError(f"SAE {sae.name!r} reads site {sae.site!r}, not {site!r:.80}")
+        if clamp is None:
+            return sae.layer, sae.site, sae.direction(feature), None
+        value = validation.number(clamp, "clamp", -1e6, 1e6)
+        onehot = np.zeros(sae.d_sae, dtype=np.float32)
+        onehot[feature] = 1.0
+        h = {"op": "h"}
+        f = {"op": "sae_encode", "sae": sae.name, "args": [h]}
+        clamped = {"op": "where", "args": [{"op": "const", "value": onehot},
+                                           {"op": "const", "value": float(value)}, f]}
+        error = {"op": "sub", "args": [h, {"op": "sae_decode", "sae": sae.name, "args": [f]}]}
+        edit = {"op": "add", "args": [{"op": "sae_decode", "sae": sae.name, "args": [clamped]}, error]}
+        return sae.layer, sae.site, None, edit
 
     def clear_steering(self, rule_id=None) -> int:
         with self._lock:

@@ -43,6 +43,7 @@ PROTOCOL_CONFIG = {
 #: protocol overhead a request may carry beyond --max-request-mb of arguments (brine boxing,
 #: zlib's worst-case growth): the client checks its arguments against the limit itself
 REQUEST_SLACK = 1 << 20
+ACCEPT_POLL_S = 0.5          # how often the accept loop looks at close() and signals
 
 
 def is_loopback(host: str) -> bool:
@@ -138,6 +139,10 @@ class KernelServer:
         # the control channel: same host, same opening (TLS, token)
         self.control = ControlServer(host, self.authenticator, self.max_request_bytes)
         self._listener = listen(host, port)
+        # accept() wakes twice a second: a SIGTERM that the kernel delivers to another thread
+        # only runs Python's handler when the main thread is back in the interpreter, so a
+        # main thread blocked in accept() for good would never stop (seen: 1 stop in 4)
+        self._listener.settimeout(ACCEPT_POLL_S)
         self.host = host
         self.port = self._listener.getsockname()[1]
         self._sockets: set = set()
@@ -162,6 +167,8 @@ class KernelServer:
         while not self._closed.is_set():
             try:
                 sock, peer = self._listener.accept()
+            except TimeoutError:                 # (the poll above: nothing arrived)
+                continue
             except OSError as exc:
                 if self._closed.is_set():
                     return

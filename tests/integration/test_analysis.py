@@ -215,5 +215,5 @@ def test_transformer_lens_hook_names_are_sites(client):
     s.stop()
     assert s.to_str_tokens("Hello world") == ["Hello", " world"]
     with pytest.raises(dj.InvalidArgumentError):
-        s.cache("x", sites=["blocks.1.hook_resid_mid"])
+        s.cache("x", sites=["blocks.1.hook_attn_in"])
     s.close()

@@ -248,3 +248,70 @@ def test_site_rules_survive_a_checkpoint_file(client, server, tmp_path):
     finally:
         other.close()
     s.close()
+
+
+def _plain_run(loaded, ids, hooks):
+    """A direct forward pass with plain hooks {name: (module, pre)}; what each saw (row 0)."""
+    seen, handles = {}, []
+    for name, (module, pre) in hooks.items():
+        if pre:
+            handles.append(module.register_forward_pre_hook(
+                lambda m, a, name=name: seen.__setitem__(name, a[0][0].float().clone())))
+        else:
+            handles.append(module.register_forward_hook(
+                lambda m, a, out, name=name: seen.__setitem__(
+                    name, (out[0] if isinstance(out, tuple) else out)[0].float().clone())))
+    try:
+        with torch.inference_mode(), loaded.compute_lock:
+            loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.cpu().numpy() for k, v in seen.items()}
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_more_transformer_lens_names(kernel, client, model, request):
+    """hook_resid_mid (the input of the norm before the MLP), ln1/ln2.hook_normalized,
+    attn.hook_q/k/v (Llama's separate projections) and hook_pos_embed (GPT-2's wpe) equal
+    plain hooks on those modules; the names the architecture lacks are clear errors."""
+    name = request.getfixturevalue("tiny_llama_path") if model == "tiny-llama" else model
+    s = client.session(model=name)
+    loaded = kernel.models.get(s.model)
+    ids = s.tokenize(PROMPT)
+    block = loaded.layers[1]
+    llama = model == "tiny-llama"
+    hooks = {"blocks.1.hook_resid_mid": (block.post_attention_layernorm if llama else block.ln_2, True),
+             "blocks.1.ln1.hook_normalized": (block.input_layernorm if llama else block.ln_1, False),
+             "blocks.1.ln2.hook_normalized": (block.post_attention_layernorm if llama else block.ln_2, False)}
+    if llama:
+        hooks.update({f"blocks.1.attn.hook_{x}": (getattr(block.self_attn, f"{x}_proj"), False)
+                      for x in "qkv"})
+    else:
+        hooks["hook_pos_embed"] = (loaded.model.transformer.wpe, False)
+    want = _plain_run(loaded, ids, hooks)
+    cache = s.cache(ids, sites=list(hooks))
+    for hook in hooks:
+        np.testing.assert_allclose(cache[hook], want[hook], atol=1e-6, err_msg=hook)
+    # resid_mid = resid_pre + attn_out, as TransformerLens defines it
+    ref = s.cache(ids, sites=["resid", "attn"], layers=[0, 1])
+    np.testing.assert_allclose(cache["blocks.1.hook_resid_mid"], ref["resid", 0] + ref["attn", 1], atol=1e-5)
+    if llama:       # grouped-query attention: k and v have fewer heads than q
+        assert cache["blocks.1.attn.hook_k"].shape[1] < cache["blocks.1.attn.hook_q"].shape[1]
+        s.steer(site="blocks.1.attn.hook_v", scale=1.0)      # a real module output: writable
+        assert s.info()["steering"][0]["site"].endswith("layers.1.self_attn.v_proj")
+        s.clear_steering()
+        with pytest.raises(dj.UnsupportedModelError, match="position embedding"):
+            s.cache(ids, sites=["hook_pos_embed"])
+    else:
+        with pytest.raises(dj.UnsupportedModelError, match="c_attn"):
+            s.cache(ids, sites=["blocks.1.attn.hook_q"])
+    # resid_mid is read-only: no rule, breakpoint, patch or gradient there
+    for call in (lambda: s.steer(1, site="resid_mid", scale=1.0),
+                 lambda: s.breakpoint(site="blocks.1.hook_resid_mid"),
+                 lambda: s.grad(ids, "logprob", target=ids[0], sites="resid_mid", layers=[1]),
+                 lambda: s.cache(ids, steering=[{"layer": 1, "site": "resid_mid", "scale": 1.0}])):
+        with pytest.raises(dj.InvalidArgumentError, match="read-only|block sites"):
+            call()
+    assert s.generate(ids, 2).finished
+    s.close()
