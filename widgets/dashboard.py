@@ -35,8 +35,11 @@ VIEW_NAMES = ("progress", "status", "message", "token_view", "div_fig", "lat_fig
 
 
 def _open_session(source, model: Optional[str], server):
-    """(pool, session, opened_here) for a Session, a Client or a Pool."""
-    pool = source if isinstance(source, dj.Pool) else None
+    """(pool, session, opened_here) for a Session, a Client, a Pool or a ClusterClient
+    (the "pool" then: sessions are placed by the cluster's directory)."""
+    pool = source if isinstance(source, (dj.Pool, dj.ClusterClient)) else None
+    if isinstance(source, dj.ClusterClient):
+        return pool, source.session(model=model), True
     if pool is not None:
         source = pool.client(server)
     if isinstance(source, dj.Session):
@@ -51,7 +54,9 @@ class Dashboard(W.VBox):
     """``dj.Dashboard(session_or_client)``: the dashboard widget (display it in a cell).
 
     With a ``Client`` a session on ``model`` (default: the server's default) is opened;
-    with a ``Pool`` one on ``server`` (default the first), and a "server" dropdown.
+    with a ``Pool`` one on ``server`` (default the first), and a "server" dropdown; with a
+    ``ClusterClient`` (``dj.connect("cluster://...")``) one on ``model`` (default the
+    cluster's first), placed by the directory, and a "model" dropdown of the cluster's models.
     The baseline runs in a second session on the same model, with no rules or breakpoints.
     The buttons, and the methods of the same names (``run_baseline()``, ``run_steered()``,
     ``step()``, ``resume()``, ``stop()``, ``scan_layers()``, ``take_checkpoint()``,
@@ -77,7 +82,7 @@ class Dashboard(W.VBox):
         self.state.reset(max_new_tokens, self._driver.session_facts())
         self._views = (StatusView(max_new_tokens), ResultsView(),
                        PauseView(session.layers, max_new_tokens), CheckpointView(),
-                       SessionView(self.pool.addresses if self.pool is not None else None))
+                       SessionView(*self._driver.choices()))
         for view in self._views:
             view.subscribe(self.state)
         self.state.subscribe("session", self.controls.render_session)
@@ -155,9 +160,10 @@ class Dashboard(W.VBox):
         return self._worker.busy
 
     def switch_server(self, server) -> None:
-        """(Given a Pool) move the dashboard to another server of the pool: the sessions it
-        opened on the current one are closed, a new session opens there; results and the
-        checkpoint list start empty."""
+        """(Given a Pool) move the dashboard to another server of the pool (given a
+        ClusterClient: to another model of the cluster): the sessions it opened on the
+        current one are closed, a new session opens there; results and the checkpoint list
+        start empty."""
         n = int(self.controls.max_new_tokens.value)
         self._worker.submit("server", lambda: self._driver.switch(server, n))
 
@@ -192,7 +198,7 @@ class Dashboard(W.VBox):
             self.regenerate()
 
     def _on_server_pick(self, change) -> None:
-        if change["new"] != self.state.session.get("address"):
+        if change["new"] != self.state.session.get("pick"):
             self.switch_server(change["new"])
 
     def _checkpoint_id(self, checkpoint) -> Optional[str]:

@@ -28,6 +28,9 @@ class SessionDriver:
                  own_session: bool = False):
         self.state, self.worker = state, worker
         self.pool, self.model = pool, model
+        self.cluster = isinstance(pool, dj.ClusterClient)
+        if self.cluster and model is None:        # the cluster's name of the session's model
+            self.model = pool.server_info.get("default_model")
         self.session, self.own_session = session, own_session
         self.client = session.client
         self.base_session = None
@@ -40,7 +43,18 @@ class SessionDriver:
         return {"model": s.model, "layers": s.layers, "hidden": s.hidden_size, "dtype": s.dtype,
                 "where": s.device if len(s.devices) < 2 else " + ".join(s.devices),
                 "architecture": s.architecture, "id": s.id, "address": self.client.address,
-                "server": self.client.address if self.pool is not None else None}
+                "server": self.client.address if self.pool is not None else None,
+                # the picker's value: the server of a pool, the model of a cluster
+                "pick": self.model if self.cluster else self.client.address}
+
+    def choices(self) -> tuple:
+        """(options, label) of the dashboard's picker: a pool's servers, a cluster's models;
+        (None, None) without either."""
+        if self.cluster:
+            return list(self.pool.models()), "model"
+        if self.pool is not None:
+            return list(self.pool.addresses), "server"
+        return None, None
 
     # ---- generation jobs ---------------------------------------------------------------
     def baseline(self, st: Settings) -> None:
@@ -275,13 +289,20 @@ class SessionDriver:
         self.state.refreshed(ping, devices, infos)
 
     def switch(self, server, max_new_tokens: int) -> None:
-        """Move to another server of the pool: a new session there, results start empty."""
+        """Move to another server of the pool (another model of a cluster): a new session
+        there, results start empty."""
         if self.pool is None:
             raise dj.InvalidArgumentError("this dashboard was not made from a pool (dj.connect([...]))")
-        client = self.pool.client(server)
-        if client is self.client:
-            return
-        session = client.session(model=self.model)      # first: a failure changes nothing
+        if self.cluster:                    # another model: placed by the directory
+            if server == self.model:
+                return
+            session = self.pool.session(model=server)   # first: a failure changes nothing
+            client, self.model = session.client, server
+        else:
+            client = self.pool.client(server)
+            if client is self.client:
+                return
+            session = client.session(model=self.model)  # first: a failure changes nothing
         self.release()
         self.client, self.session, self.own_session = client, session, True
         self.session_key = self.session_rule = None

@@ -212,11 +212,11 @@ class SessionView:
     """The info line (model, layers, device, session), the server's memory and, for a
     pool, the server picker (its changes are the dashboard's to handle)."""
 
-    def __init__(self, addresses=None):
+    def __init__(self, options=None, label: str | None = "server"):
         self.info = W.HTML("")
         self.memory_view = W.HTML("")
-        self.server_picker = None if addresses is None else W.Dropdown(
-            options=list(addresses), description="server", layout=W.Layout(width="320px"))
+        self.server_picker = None if options is None else W.Dropdown(
+            options=list(options), description=label or "server", layout=W.Layout(width="320px"))
 
     def subscribe(self, state: DashboardState) -> None:
         state.subscribe("session", self.render)
@@ -224,9 +224,9 @@ class SessionView:
     def render(self, state: DashboardState) -> None:
         self.info.value = _info_html(state.session)
         self.memory_view.value = _memory_html(state.devices)
-        address = state.session.get("address")
-        if self.server_picker is not None and self.server_picker.value != address:
-            self.server_picker.value = address
+        pick = state.session.get("pick")
+        if self.server_picker is not None and self.server_picker.value != pick:
+            self.server_picker.value = pick
 
 
 def _info_html(f: dict) -> str:

@@ -293,6 +293,38 @@ def test_process_backend_down_drains(process_cluster):
 
 
 # ---- Ray (slow: a local Ray and three servers start first, 1-2 min on 2 cores) --------------
+def test_dashboard_picks_a_model_of_the_cluster(tmp_path):
+    """``dj.Dashboard(cluster_client)``: a "model" dropdown of the cluster's models; picking
+    another opens a session on a replica of that model (placed by the directory)."""
+    cluster = Cluster.up({"backend": "process", "models": [
+        {"name": "tiny-gpt2", "model": "tiny-gpt2", "device": "cpu", "args": ["--threads", "1"]},
+        {"name": "tiny-llama", "model": "random:tiny-llama", "device": "cpu",
+         "args": ["--threads", "1"]},
+    ]}, log_dir=str(tmp_path))
+    cc = dj.connect("cluster://" + cluster.address)
+    try:
+        d = dj.Dashboard(cc, model="tiny-gpt2", max_new_tokens=4, background=False)
+        assert d.server_picker.description == "model"
+        assert sorted(d.server_picker.options) == ["tiny-gpt2", "tiny-llama"]
+        assert d.server_picker.value == "tiny-gpt2" and d.session.model == "tiny-gpt2"
+        d.run_baseline()
+        d.wait()
+        assert d.last_error is None and len(d.baseline.tokens) == 4
+        d.server_picker.value = "tiny-llama"          # what a pick in the browser does
+        d.wait()
+        assert d.last_error is None
+        assert d.session.model == "random:tiny-llama"
+        assert d.session.client.replica == "tiny-llama/0"
+        assert d.server_picker.value == "tiny-llama" and d.baseline is None
+        d.run_baseline()
+        d.wait()
+        assert d.last_error is None and len(d.baseline.tokens) == 4
+        d.close_sessions()
+    finally:
+        cc.close()
+        cluster.down(drain=False)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     ray = pytest.importorskip("ray", reason="the Ray backend needs ray: pip install djinn_nb[cluster]")
