@@ -60,6 +60,10 @@ class ClusterClient:
         """{model name: {model, replicas, healthy}}: what ``session(model=...)`` accepts."""
         return self.status()["models"]
 
+    def move(self, session, target="least-loaded") -> dict:
+        """``move(session, target)`` (this module's function) for a session of this cluster."""
+        return move(session, target)
+
     def place(self, model: str, exclude=()) -> dict:
         """The replica the directory picks for ``model`` now (least loaded, healthy)."""
         return self.directory.call("cluster_place", model=model, exclude=list(exclude))

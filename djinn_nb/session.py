@@ -396,8 +396,12 @@ class Session:
     def move(self, target="least-loaded") -> dict:
         """Continue this (paused) session on another replica of its cluster: ``"least-loaded"``
         or a replica's name (see :func:`djinn_nb.move`; needs a ``cluster://`` connection)."""
-        from .cluster import move
-        return move(self, target)
+        cluster = getattr(self.client, "cluster", None)
+        if cluster is None:
+            from djinn_protocol.errors import InvalidArgumentError
+            raise InvalidArgumentError("move() needs a session opened through "
+                                       "dj.connect('cluster://...')")
+        return cluster.move(self, target)
 
     def close(self) -> None:
         """Release the session (and its KV cache) on the server; later calls raise

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from djinn_protocol.errors import InvalidArgumentError, UnsupportedModelError
+from djinn_protocol.errors import InvalidArgumentError, LayerOutOfRangeError, UnsupportedModelError
 
 SITES = ("resid", "attn", "mlp", "heads", "attn_pattern", "resid_mid")
 #: sites a breakpoint, a rule or an edit may not name (cache and grad read them)
@@ -184,7 +184,7 @@ def from_hook_name(loaded, layer, name):
                                         "embedding (rotary models add positions inside attention)")
         return None, MODULE_PREFIX + path
     if site in hook_names.MODULE_SITES:         # q/k/v projections, the block's norms
-        block = loaded.layers[_layer_index(tl_layer, loaded)]
+        block = loaded.layers[layer_index(tl_layer, loaded.num_layers)]
         owner = _child(block, _ATTN_NAMES) if site in ("q", "k", "v") else block
         names = hook_names.MODULE_SITES[site]
         child = None if owner is None else _child(owner, names)
@@ -199,9 +199,15 @@ def from_hook_name(loaded, layer, name):
     return tl_layer, site
 
 
-def _layer_index(layer: int, loaded) -> int:
-    from kernel_server.model import validation
-    return validation.layer(layer, loaded.num_layers)
+def layer_index(value, num_layers: int) -> int:
+    """``value`` as a decoder-layer index of a model of ``num_layers`` layers (typed errors
+    otherwise; ``validation.layer`` is this check)."""
+    if type(value) is not int:
+        raise InvalidArgumentError(f"layer must be an int, got {type(value).__name__}")
+    if not 0 <= value < num_layers:
+        raise LayerOutOfRangeError(f"layer {value} is out of range: this model has {num_layers} "
+                                   f"decoder layers (0..{num_layers - 1})")
+    return value
 
 
 _POS_EMBEDS = ("transformer.wpe", "model.decoder.embed_positions")

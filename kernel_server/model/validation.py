@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from djinn_protocol.errors import (InvalidArgumentError, InvalidEditError, LayerOutOfRangeError,
+from djinn_protocol.errors import (InvalidArgumentError, InvalidEditError,
                              LimitExceededError)
+from kernel_server.model import sites
 from kernel_server.model.interventions import EditOp, SteeringRule
 
 PHASES = ("prefill", "decode", "both")
@@ -111,12 +112,7 @@ def choice(value: Any, name: str, options) -> str:
 
 
 def layer(value: Any, num_layers: int) -> int:
-    if type(value) is not int:
-        raise InvalidArgumentError(f"layer must be an int, got {type(value).__name__}")
-    if not 0 <= value < num_layers:
-        raise LayerOutOfRangeError(f"layer {value} is out of range: this model has {num_layers} "
-                                   f"decoder layers (0..{num_layers - 1})")
-    return value
+    return sites.layer_index(value, num_layers)
 
 
 def steps(value: Any, limits: Limits) -> frozenset | None:
@@ -269,7 +265,6 @@ def steering_rule(loaded, spec: dict, limits: Limits, rule_id: int) -> SteeringR
     "resid"), ``head``, ``rows``; other keys are the caller's to refuse. Every value is
     checked; the vector is put on the device where the site computes. No hook is installed
     here: the caller hooks the site (``loaded.hooks.install_site``)."""
-    from kernel_server.model import sites
     resolved, head, width = site(loaded, spec.get("layer"), spec.get("site", "resid"),
                                  spec.get("head"))
     op = edit_op(spec, width, sites.device_of(loaded, resolved), loaded.dtype, standing=True)
@@ -309,7 +304,6 @@ def prompt_list(value: Any, name: str, tokenizer, limits: Limits, vocab_size: in
 def site(loaded, layer_value: Any, name: Any, head: Any = None, writable: bool = True):
     """(resolved ``sites.Site``, head index or None, width of one row of an edit vector or
     None when unknown (module sites)) for a breakpoint / rule / edit / read at a site."""
-    from kernel_server.model import sites
     if not isinstance(name, str):
         raise InvalidArgumentError(f"site must be a str, got {type(name).__name__}")
     if name.startswith(sites.MODULE_PREFIX):

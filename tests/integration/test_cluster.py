@@ -115,7 +115,7 @@ def move_exact(cc: ClusterClient) -> None:
     assert out["nbytes"] > 0
     finish_from_ready(s, base)
     # and back, by replica id, after finishing: a finished session moves too
-    out = dj.move(s, where)
+    out = s.move(where)                          # (the same, as a Session method)
     assert s.client.replica == where and s.state == "ready"
     s.close()
 
@@ -217,6 +217,14 @@ def test_directory_endpoint_survives_bad_input():
     finally:
         cc.close()
         server.close()
+
+
+def test_move_needs_a_cluster_session(client):
+    s = client.session()
+    with pytest.raises(dj.InvalidArgumentError, match="cluster://"):
+        s.move()
+    assert s.generate(PROMPT, max_new_tokens=2).result.tokens        # still usable
+    s.close()
 
 
 def test_kernel_server_refuses_cluster_calls(client):
