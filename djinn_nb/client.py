@@ -77,7 +77,24 @@ def parse_address(address: str) -> tuple[str, int]:
                                    f"got {address!r}") from None
 
 
-class Client:
+class Closeable:
+    """``closed`` and the ``with`` block of a connection object that sets ``_closed`` in its
+    ``close()`` (``Client``, ``djinn_nb.cluster.ClusterClient``)."""
+
+    _closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class Client(Closeable):
     """A connection to one kernel server. Open sessions with :meth:`session`."""
 
     #: for a replica of a cluster (``djinn_nb.cluster``): the ``ClusterClient`` that opened
@@ -372,16 +389,6 @@ class Client:
         """The control channel every call goes through (``djinn_nb.control.ControlChannel``),
         or None when calls go over rpyc (``$DJINN_CONTROL=0`` or it could not be opened)."""
         return self._control
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         where = "local, launched" if self._local_server else "remote"

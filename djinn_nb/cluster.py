@@ -20,7 +20,7 @@ import weakref
 from djinn_protocol.errors import (ConnectionLostError, DjinnError, InvalidArgumentError,
                                    StateError)
 
-from .client import Client
+from .client import Client, Closeable
 
 SCHEME = "cluster://"
 
@@ -33,7 +33,7 @@ class DirectoryClient(Client):
         return None
 
 
-class ClusterClient:
+class ClusterClient(Closeable):
     """A client of a whole cluster. ``session(model=...)`` opens a session on the replica
     the directory picks; ``status()``; ``move``; ``load_checkpoint(path)``; ``reconnect()``."""
 
@@ -144,16 +144,6 @@ class ClusterClient:
         self.clients.clear()
         self.directory.close()
         self._closed = True
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         return (f"<djinn_nb.ClusterClient {self.address} "

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import queue
 import re
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 
 from djinn_protocol.errors import ConnectionLostError
-from djinn_protocol.handshake import READY_PREFIX
+from djinn_protocol.handshake import wait_ready_line
 
 #: server logs kept at most (the oldest are deleted when a server starts)
 KEEP_LOGS = 20
@@ -101,44 +100,32 @@ class LocalServer:
         return current
 
     def _wait_ready(self, timeout: float, progress: bool, what: str) -> str:
-        lines: queue.Queue = queue.Queue()
-
-        def read():
-            for line in self.proc.stdout:
-                lines.put(line)
-            lines.put(None)
-        threading.Thread(target=read, daemon=True).start()
         live = progress and (sys.stderr.isatty() or _in_jupyter())
         if progress and not live:      # a log or a pipe: one line, no carriage returns
             print(f"djinn_nb: starting a kernel server ({what}), log {self.log_path}",
                   file=sys.stderr, flush=True)
-        phase = "starting Python"
         t0 = time.monotonic()
-        deadline = t0 + timeout
         bar = None
         if live:
             from tqdm.auto import tqdm
-            bar = tqdm(desc=f"kernel server ({what}): {phase}", bar_format="{desc} {elapsed}",
-                       leave=False)
+            bar = tqdm(desc=f"kernel server ({what}): starting Python",
+                       bar_format="{desc} {elapsed}", leave=False)
+
+        def show_phase():
+            if bar is None:
+                return
+            if time.monotonic() - t0 > 1.0:
+                phase = self._phase("importing torch and transformers")
+                bar.set_description_str(f"kernel server ({what}): {phase}", refresh=False)
+            bar.update(0)
+            bar.refresh()
         try:
-            while time.monotonic() < deadline:
-                try:
-                    line = lines.get(timeout=0.25)
-                except queue.Empty:
-                    if time.monotonic() - t0 > 1.0:
-                        phase = self._phase("importing torch and transformers")
-                    if bar is not None:
-                        bar.set_description_str(f"kernel server ({what}): {phase}", refresh=False)
-                        bar.update(0)
-                        bar.refresh()
-                    continue
-                if line is None:
-                    break
-                if line.startswith(READY_PREFIX):
-                    return line.split()[1]
+            address = wait_ready_line(self.proc.stdout, timeout, show_phase, poll_s=0.25)
         finally:
             if bar is not None:
                 bar.close()
+        if address is not None:
+            return address
         self.stop(keep_log=True)
         raise ConnectionLostError(f"the local kernel server did not start (log {self.log_path}):\n"
                                   + self.log_tail())

@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import queue
+import threading
+import time
 
 CHALLENGE_BYTES = 32
 ANSWER_BYTES = hashlib.sha256().digest_size
@@ -24,6 +27,35 @@ _OWNER_CONTEXT = b"djinn-nb-owner-v1"
 
 #: the line a kernel server prints on stdout once it serves: ``READY_PREFIX host:port``
 READY_PREFIX = "DJINN_SERVER_READY"
+
+
+def wait_ready_line(stream, timeout: float, on_wait=None, poll_s: float = 1.0) -> str | None:
+    """Read a launched kernel server's stdout (``stream``, text lines) until its READY line:
+    the "host:port" it serves at; None when the stream ends (the server exited) or ``timeout``
+    seconds pass first. A daemon thread reads the lines, and goes on reading after the
+    READY line, so the server never blocks on a full pipe. ``on_wait()`` is called after each
+    ``poll_s`` seconds without a line (a progress display). Used by ``djinn_nb.launcher``
+    (``dj.connect()``) and ``kernel_server.cluster.replica``."""
+    lines: queue.Queue = queue.Queue()
+
+    def read():
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=read, name="djinn-server-stdout", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=poll_s)
+        except queue.Empty:
+            if on_wait is not None:
+                on_wait()
+            continue
+        if line is None:
+            return None
+        if line.startswith(READY_PREFIX):
+            return line.split()[1]
+    return None
 
 
 def answer(token: str, challenge: bytes) -> bytes:

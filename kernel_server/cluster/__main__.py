@@ -2,7 +2,9 @@
 
 ``up`` stays in the foreground (it holds the replicas or their Ray actors) and writes a state
 file beside the config (``.<config>.cluster.json``: its pid and the directory's address);
-``down`` asks it to drain and stop (SIGTERM); ``status`` asks the directory.
+``down`` asks it to drain and stop (SIGTERM); ``status`` asks the directory and prints its
+replicas (health, sessions, tokens/s, engine rows, memory) and models as tables (``--json``:
+the whole record).
 """
 from __future__ import annotations
 
@@ -78,10 +80,41 @@ def _status(args) -> int:
         return 1
     peer = Peer(json.loads(state.read_text())["address"], cfg.token(), tls_context(cfg.certfile))
     try:
-        print(json.dumps(peer.call("cluster_status"), indent=1))
+        status = peer.call("cluster_status")
     finally:
         peer.close()
+    print(json.dumps(status, indent=1) if args.json else format_status(status))
     return 0
+
+
+def format_status(status: dict) -> str:
+    """``cluster_status`` as two tables: replicas (health, sessions by state, tokens/s over
+    the last 10 s, engine rows active/paused where the engine is on, device memory), models."""
+    rows = [("replica", "address", "healthy", "sessions", "tokens/s", "engine rows", "memory MiB",
+             "restarts")]
+    for r in status["replicas"]:
+        load = r.get("load") or {}
+        states = load.get("sessions") or {}
+        engines = [m["engine"] for m in ((load.get("throughput") or {}).get("models") or {}).values()
+                   if m.get("engine")]
+        mem = sum(d.get("allocated_bytes") or 0 for d in load.get("memory") or [])
+        rows.append((r["id"], r["address"],
+                     "draining" if r.get("draining") else {True: "yes", False: "NO"}.get(r["healthy"], "?"),
+                     " ".join(f"{k} {v}" for k, v in sorted(states.items())) or "0",
+                     f"{load['tokens_per_s']:.1f}" if "tokens_per_s" in load else "-",
+                     " ".join(f"{e['active']} active {e['paused']} paused" for e in engines) or "-",
+                     f"{mem / 2**20:.0f}" if load else "-", str(r.get("restarts", 0))))
+    models = [("model", "loads", "replicas", "healthy", "sessions", "tokens/s")]
+    for name, m in status["models"].items():
+        models.append((name, m["model"], str(m["replicas"]), str(m["healthy"]),
+                       str(m.get("sessions", "-")), f"{m.get('tokens_per_s', 0.0):.1f}"))
+    return _table(rows) + "\n\n" + _table(models)
+
+
+def _table(rows) -> str:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip()
+                     for row in rows)
 
 
 def main(argv=None) -> int:
@@ -99,6 +132,7 @@ def main(argv=None) -> int:
     down.add_argument("--timeout", type=float, default=600.0)
     st = sub.add_parser("status", help="replicas, models, health and load, from the directory")
     st.add_argument("config")
+    st.add_argument("--json", action="store_true", help="the directory's whole record, as JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")

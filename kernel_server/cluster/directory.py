@@ -143,17 +143,22 @@ class Directory:
             replicas = [dict(r) for r in self._replicas.values()]
         models: dict = {}
         for r in replicas:
-            m = models.setdefault(r["name"], {"model": r["model"], "replicas": 0, "healthy": 0})
+            m = models.setdefault(r["name"], {"model": r["model"], "replicas": 0, "healthy": 0,
+                                              "sessions": 0, "tokens_per_s": 0.0})
             m["replicas"] += 1
             m["healthy"] += bool(r["healthy"])
+            if r["healthy"] and r["load"]:
+                m["sessions"] += r["load"].get("total_sessions", 0)
+                m["tokens_per_s"] += r["load"].get("tokens_per_s", 0.0)
         return {"replicas": replicas, "models": models}
 
     def place(self, model: str, exclude=()) -> dict:
         """The least-loaded healthy replica serving ``model`` (its config name or the model
         it loads), not in ``exclude``, not draining: fewest sessions (running, paused and
-        ready alike, plus placements it has not shown yet), then least device memory in
-        use, then config order. Loads are asked now, and placements are made one at a
-        time, so clients asking one after another or at once are spread."""
+        ready alike, plus placements it has not shown yet), then fewest tokens/s decoded
+        (over the replica's last 10 s), then least device memory in use, then config order.
+        Loads are asked now, and placements are made one at a time, so clients asking one
+        after another or at once are spread."""
         with self._lock:
             ids = [rid for rid, r in self._replicas.items()
                    if model in (r["name"], r["model"]) and rid not in exclude]
@@ -169,7 +174,7 @@ class Directory:
             load = rec["load"] or {}
             mem = sum(d.get("allocated_bytes") or 0 for d in load.get("memory") or [])
             sessions = load.get("total_sessions", 0) + len(self._pending.get(rec["id"], []))
-            return (sessions, mem, order[rec["id"]])
+            return (sessions, load.get("tokens_per_s", 0.0), mem, order[rec["id"]])
         with self._place_lock:                  # one placement at a time sees the others
             live = [r for r in map(self.check, ids) if r["healthy"] and not r["draining"]]
             if not live:

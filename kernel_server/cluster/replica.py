@@ -4,14 +4,13 @@ watched. The Ray backend wraps one in an actor; the process backend holds them d
 from __future__ import annotations
 
 import os
-import queue
 import subprocess
 import sys
 import threading
 import time
 
 from djinn_protocol.errors import ConnectionLostError
-from djinn_protocol.handshake import READY_PREFIX
+from djinn_protocol.handshake import wait_ready_line
 from kernel_server.transport.handlers import OPERATOR_KEY_ENV
 
 from .config import ClusterConfig, ModelSpec
@@ -65,23 +64,9 @@ class Replica:
         threading.Thread(target=self._watch, name=f"djinn-replica-{replica_id}", daemon=True).start()
 
     def _wait_ready(self, timeout: float) -> str:
-        lines: queue.Queue = queue.Queue()
-
-        def read():
-            for line in self.proc.stdout:
-                lines.put(line)
-            lines.put(None)
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = lines.get(timeout=1.0)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            if line.startswith(READY_PREFIX):
-                return line.split()[1]
+        address = wait_ready_line(self.proc.stdout, timeout)
+        if address is not None:
+            return address
         self.stop()
         raise ConnectionLostError(f"replica {self.id} ({self.model}) did not start; "
                                   f"log: {self.log_path or '(none: set a log_dir)'}")

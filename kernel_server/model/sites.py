@@ -11,6 +11,14 @@ A site is where a breakpoint pauses, a steering rule edits and a cache reads:
   input of the norm before the MLP), read-only: the block keeps its own reference to that
   tensor for the residual add, so an edit there would reach the MLP only. Sequential
   blocks only (GPT-2, Llama, Gemma ...; not parallel attention + MLP: GPT-J, NeoX, Phi);
+- ``attn_in`` / ``mlp_in``: the input of the norm before the attention / the MLP sub-block
+  (TransformerLens's ``hook_attn_in`` / ``hook_mlp_in``): the same values as the residual
+  stream there (``attn_in`` of layer L = ``resid`` of L-1; ``mlp_in`` = ``resid_mid``), but an
+  edit reaches only that sub-block, as in TransformerLens (the block adds the residual from
+  its own reference). [positions, hidden]: one vector for all heads. Sequential blocks only;
+- ``mlp_post``: the MLP's hidden activations, the input of its down projection (after the
+  activation function; for gated MLPs ``act(gate) * up``), [positions, d_mlp]
+  (TransformerLens's ``mlp.hook_post``);
 - ``attn_pattern``: attention probabilities [heads, query, key], read-only, from a
   one-shot pass run with the eager attention implementation (``cache``/``logit_lens``
   style calls only: the decode loop runs a fused kernel that never forms them);
@@ -28,7 +36,8 @@ import torch
 
 from djinn_protocol.errors import InvalidArgumentError, LayerOutOfRangeError, UnsupportedModelError
 
-SITES = ("resid", "attn", "mlp", "heads", "attn_pattern", "resid_mid")
+SITES = ("resid", "attn", "mlp", "heads", "attn_pattern", "resid_mid", "attn_in", "mlp_in",
+         "mlp_post")
 #: sites a breakpoint, a rule or an edit may not name (cache and grad read them)
 READ_ONLY = ("attn_pattern", "resid_mid")
 MODULE_PREFIX = "module:"
@@ -39,6 +48,10 @@ _OUT_PROJ_NAMES = ("o_proj", "c_proj", "out_proj", "dense", "wo")
 # the norm whose input is the residual stream between attention and MLP, by preference
 # (Gemma's post_attention_layernorm normalises the attention output: its pre_feedforward one)
 _MID_NORM_NAMES = ("pre_feedforward_layernorm", "post_attention_layernorm", "ln_2")
+_IN_NORM_NAMES = ("input_layernorm", "ln_1")       # the norm before the attention sub-block
+# the MLP's down projection (its input: the hidden activations): Llama/Mistral/Qwen/Gemma,
+# GPT-2, Phi, GPT-J, NeoX, T5-style
+_DOWN_PROJ_NAMES = ("down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo")
 _FINAL_NORMS = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm",
                 "model.decoder.final_layer_norm", "transformer.norm_f", "model.final_layernorm")
 
@@ -52,6 +65,7 @@ class Site:
     pre: bool = False          # True: the module's first input (heads), else its output
     heads: int = 0
     head_dim: int = 0
+    width: int = 0             # the tensor's last dimension when not the hidden size (mlp_post)
 
     @property
     def key(self) -> tuple:
@@ -101,19 +115,31 @@ def resolve(loaded, layer: int, name: str) -> Site:
     if name in ("attn", "attn_pattern"):
         heads, head_dim = head_geometry(loaded)
         return Site(layer, name, attn, heads=heads, head_dim=head_dim)
-    if name == "resid_mid":
+    if name in ("resid_mid", "mlp_in", "attn_in"):
         cfg = loaded.model.config
-        norm = _child(block, _MID_NORM_NAMES)
+        names = _IN_NORM_NAMES if name == "attn_in" else _MID_NORM_NAMES
+        norm = _child(block, names)
         if norm is None or getattr(cfg, "use_parallel_residual", False) or getattr(cfg, "parallel_attn", False):
+            what = ("separate input of the attention sub-block" if name == "attn_in" else
+                    "residual stream between attention and MLP")
             raise UnsupportedModelError(
-                f"{type(block).__name__} has no residual stream between attention and MLP "
-                f"(parallel sub-blocks, or no norm named {', '.join(_MID_NORM_NAMES)} before the MLP)")
+                f"{type(block).__name__} has no {what} (parallel sub-blocks, or no norm named "
+                f"{', '.join(names)} before the {'attention' if name == 'attn_in' else 'MLP'})")
         return Site(layer, name, norm, pre=True)
-    if name == "mlp":
+    if name in ("mlp", "mlp_post"):
         mlp = _child(block, _MLP_NAMES)
         if mlp is None:
             raise UnsupportedModelError(f"cannot find the MLP module of {type(block).__name__}")
-        return Site(layer, name, mlp)
+        if name == "mlp":
+            return Site(layer, name, mlp)
+        down = _child(mlp, _DOWN_PROJ_NAMES)
+        # nn.Linear's in_features; GPT-2's Conv1D keeps its weight as [in, out]
+        width = getattr(down, "in_features", None) or getattr(down, "nx", None)
+        if down is None or not width:
+            raise UnsupportedModelError(
+                f"cannot find the down projection of {type(mlp).__name__} (looked for "
+                f"{', '.join(_DOWN_PROJ_NAMES)} with a known input size): no site mlp_post")
+        return Site(layer, name, down, pre=True, width=int(width))
     proj = _child(attn, _OUT_PROJ_NAMES)
     if proj is None:
         raise UnsupportedModelError(f"cannot find the attention output projection of "
@@ -183,15 +209,19 @@ def from_hook_name(loaded, layer, name):
             raise UnsupportedModelError(f"{type(loaded.model).__name__} has no learned position "
                                         "embedding (rotary models add positions inside attention)")
         return None, MODULE_PREFIX + path
-    if site in hook_names.MODULE_SITES:         # q/k/v projections, the block's norms
+    if site in hook_names.MODULE_SITES:         # q/k/v and MLP projections, the block's norms
         block = loaded.layers[layer_index(tl_layer, loaded.num_layers)]
-        owner = _child(block, _ATTN_NAMES) if site in ("q", "k", "v") else block
+        owner = (_child(block, _ATTN_NAMES) if site in ("q", "k", "v") else
+                 _child(block, _MLP_NAMES) if site.startswith("mlp_") else block)
         names = hook_names.MODULE_SITES[site]
         child = None if owner is None else _child(owner, names)
         if child is None:
             what = ("separate query/key/value projections (GPT-2 computes them in one fused "
                     "c_attn: read site 'module:...attn.c_attn' instead)" if site in ("q", "k", "v")
-                    else f"a norm named {', '.join(names)}")
+                    else "gated MLP with an up projection (up_proj): mlp.hook_pre_linear exists "
+                    "only for gated MLPs" if site == "mlp_pre_linear"
+                    else f"MLP input projection named {', '.join(names)}" if site == "mlp_pre"
+                    else f"norm named {', '.join(names)}")
             raise UnsupportedModelError(f"{type(block).__name__} has no {what}: {name} is not mapped "
                                         "for this model")
         path = next(p for p, m in loaded.module_index.items() if m is child)

@@ -316,7 +316,7 @@ def site(loaded, layer_value: Any, name: Any, head: Any = None, writable: bool =
         raise InvalidArgumentError(
             "attn_pattern is read-only and is not formed by the decode loop's fused attention: "
             "read attention patterns with s.cache(prompt, sites=['attn_pattern'])")
-    width = None if name.startswith(sites.MODULE_PREFIX) else loaded.hidden_size
+    width = None if name.startswith(sites.MODULE_PREFIX) else (resolved.width or loaded.hidden_size)
     if name == "heads":
         width = resolved.heads * resolved.head_dim
     if head is not None:

@@ -219,15 +219,19 @@ def _require_operator(conn: Connection, call: str) -> None:
 
 def cluster_load(conn: Connection):
     """Load figures of the whole server for the directory: sessions by state, memory per
-    device, checkpoint bytes, loaded models."""
+    device, checkpoint bytes, loaded models, tokens/s (kernel_server.runtime.throughput:
+    all models, and per model with the decode scheduler's rows when the engine is on)."""
+    from kernel_server.runtime import throughput
     _require_operator(conn, "cluster_load")
     kernel = conn.kernel
     states: dict = {}
     for s in kernel.sessions.all():
         states[s.state] = states.get(s.state, 0) + 1
+    names = kernel.models.loaded()
+    rate = throughput.load([kernel.models.get(n) for n in names])
     return {"sessions": states, "total_sessions": sum(states.values()),
             "memory": kernel.memory()["devices"], "checkpoint_bytes": kernel.checkpoints.used_bytes,
-            "models": kernel.models.loaded()}
+            "models": names, "tokens_per_s": rate["tokens_per_s"], "throughput": rate}
 
 
 def handover_out(conn: Connection):

@@ -8,6 +8,7 @@ GGUF), and the Ray tests start their own local Ray (4 logical CPUs) and shut it 
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -24,6 +25,8 @@ PROMPT = "The capital of France is"
 N, K = 12, 4
 #: a hang guard for waits on a restart (Ray restarts the actor, the server loads again)
 RESTART_DEADLINE_S = 240
+#: the process cluster's tokens/s window (longer than the module runs)
+RATE_WINDOW_S = 3600
 
 
 def tiny(replicas: int) -> dict:
@@ -219,6 +222,84 @@ def test_directory_endpoint_survives_bad_input():
         server.close()
 
 
+def test_token_meter_rate_over_a_sliding_window():
+    """Tokens in the last ``window_s`` seconds / ``window_s``, on a clock the test sets; the
+    total is exact under concurrent adds."""
+    import threading
+    from kernel_server.runtime.throughput import TokenMeter
+    now = [100.0]
+    m = TokenMeter(window_s=10, clock=lambda: now[0])
+    assert m.rate() == 0.0 and m.total == 0
+    for _ in range(50):
+        m.add()
+    now[0] = 105.0
+    m.add(30)
+    assert m.total == 80 and m.rate() == 8.0
+    now[0] = 110.1                   # the first 50 have left the window
+    assert m.rate() == 3.0
+    now[0] = 115.3
+    assert m.rate() == 0.0 and m.total == 80
+    threads = [threading.Thread(target=lambda: [m.add() for _ in range(5000)]) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert m.total == 80 + 20000 and m.rate() == 2000.0
+    with pytest.raises(ValueError):
+        TokenMeter(window_s=0)
+
+
+@pytest.mark.parametrize("loads, want", [
+    # equal sessions: the replica decoding fewer tokens/s
+    ({"a/0": (1, 40.0, 0), "a/1": (1, 5.0, 0)}, "a/1"),
+    # sessions first: fewer sessions wins even at more tokens/s
+    ({"a/0": (2, 0.0, 0), "a/1": (1, 90.0, 0)}, "a/1"),
+    # equal sessions and tokens/s: less device memory, then config order
+    ({"a/0": (1, 7.0, 2**30), "a/1": (1, 7.0, 2**20)}, "a/1"),
+    ({"a/0": (0, 0.0, 0), "a/1": (0, 0.0, 0)}, "a/0"),
+])
+def test_directory_places_by_sessions_then_tokens_per_s(loads, want):
+    d = Directory(from_dict({"models": [{"name": "a", "model": "tiny-gpt2", "replicas": 2}]}), "k")
+    for i, rid in enumerate(loads):
+        d.register({"id": rid, "name": "a", "model": "tiny-gpt2", "address": f"127.0.0.1:{i + 1}",
+                    "pid": i + 1})
+
+    def check(rid):                  # the load each replica would report now
+        sessions, rate, mem = loads[rid]
+        rec = d._replicas[rid]
+        rec.update(healthy=True, load={"total_sessions": sessions, "tokens_per_s": rate,
+                                       "memory": [{"device": "cpu", "allocated_bytes": mem}]})
+        return rec
+    d.check = check
+    assert d.place("a")["id"] == want
+    d.close()
+
+
+def test_engine_rows_and_tokens_in_the_load_record(kernel, client):
+    """With the engine on, the load record's throughput part shows the decode scheduler's
+    rows (a paused member counts as paused), and every token of the run is counted."""
+    from kernel_server.runtime import scheduler, throughput
+    mode = scheduler.get_mode()
+    scheduler.set_mode("on")
+    s = client.session(model="tiny-gpt2")
+    try:
+        loaded = kernel.models.get(s.model)
+        t0 = throughput.meter(loaded.name).total
+        s.breakpoint(layer=1, steps=[K])
+        ev = s.generate(PROMPT, max_new_tokens=N, stop_at_eos=False)
+        assert isinstance(ev, dj.Paused) and ev.step == K
+        rec = throughput.load([loaded])["models"][loaded.name]
+        assert rec["tokens"] - t0 == K
+        assert (rec["engine"]["rows"], rec["engine"]["paused"], rec["engine"]["active"]) == (1, 1, 0)
+        assert rec["engine"]["joins"] >= 1
+        assert s.resume().finished
+        rec = throughput.load([loaded])["models"][loaded.name]
+        assert rec["tokens"] - t0 == N and rec["engine"]["rows"] == 0
+    finally:
+        s.close()
+        scheduler.set_mode(mode)
+
+
 def test_move_needs_a_cluster_session(client):
     s = client.session()
     with pytest.raises(dj.InvalidArgumentError, match="cluster://"):
@@ -244,7 +325,10 @@ def test_kernel_server_refuses_cluster_calls(client):
 @pytest.fixture(scope="module")
 def process_cluster(tmp_path_factory):
     logs = tmp_path_factory.mktemp("cluster-logs")
-    cluster = Cluster.up({"backend": "process", "models": [tiny(2)]}, log_dir=str(logs))
+    # tokens/s over an hour: every token of the module's run is in the window, so a replica's
+    # rate is its token count / 3600 exactly (no test depends on how fast the machine is)
+    spec = {**tiny(2), "env": {"DJINN_THROUGHPUT_WINDOW_S": str(RATE_WINDOW_S)}}
+    cluster = Cluster.up({"backend": "process", "models": [spec]}, log_dir=str(logs))
     cc = dj.connect("cluster://" + cluster.address)
     yield cluster, cc
     cc.close()
@@ -253,7 +337,8 @@ def process_cluster(tmp_path_factory):
 
 def test_process_backend_places_by_load(process_cluster):
     cluster, cc = process_cluster
-    assert cc.models() == {"tiny-gpt2": {"model": "tiny-gpt2", "replicas": 2, "healthy": 2}}
+    assert {k: m for k, m in cc.models()["tiny-gpt2"].items() if k in ("model", "replicas", "healthy")} \
+        == {"model": "tiny-gpt2", "replicas": 2, "healthy": 2}
     a, b = cc.session(model="tiny-gpt2"), cc.session(model="tiny-gpt2")
     assert {a.client.replica, b.client.replica} == {"tiny-gpt2/0", "tiny-gpt2/1"}
     loads = {r["id"]: r["load"]["total_sessions"] for r in cc.status()["replicas"]}
@@ -265,6 +350,50 @@ def test_process_backend_places_by_load(process_cluster):
     c.close()
     with pytest.raises(dj.UnknownModelError, match="serves no model 'gpt-9'.*tiny-gpt2"):
         cc.session(model="gpt-9")
+
+
+def _tokens(cc: ClusterClient) -> dict:
+    status = cc.status()
+    return status, {r["id"]: r["load"]["throughput"]["models"]["tiny-gpt2"]["tokens"]
+                    for r in status["replicas"]}
+
+
+def test_process_backend_reports_tokens_per_s(process_cluster, tmp_path, capsys):
+    """Every generated token (solo run and batch rows) counts on its replica; the load
+    record, the directory's model summary and ``python -m kernel_server.cluster status``
+    show tokens/s; the engine is off here, so no engine rows."""
+    cluster, cc = process_cluster
+    _, before = _tokens(cc)
+    s = cc.session(model="tiny-gpt2")
+    where = s.client.replica
+    assert s.generate(PROMPT, max_new_tokens=N, stop_at_eos=False).finished
+    out = s.generate([PROMPT, "Hello there"], max_new_tokens=N, stop_at_eos=False)
+    assert [len(t) for t in out.tokens] == [N, N]
+    status, after = _tokens(cc)
+    assert {rid: after[rid] - before[rid] for rid in after} == {
+        rid: 3 * N if rid == where else 0 for rid in after}
+    for r in status["replicas"]:
+        load = r["load"]
+        assert load["throughput"]["window_s"] == RATE_WINDOW_S
+        assert load["tokens_per_s"] == pytest.approx(after[r["id"]] / RATE_WINDOW_S)
+        assert load["throughput"]["models"]["tiny-gpt2"]["engine"] is None
+    model = status["models"]["tiny-gpt2"]
+    assert model["tokens_per_s"] == pytest.approx(sum(after.values()) / RATE_WINDOW_S)
+    assert model["sessions"] == sum(r["load"]["total_sessions"] for r in status["replicas"])
+    # the command line's status: a table by default, the whole record with --json
+    from kernel_server.cluster.__main__ import main, state_path
+    config = tmp_path / "cluster.yaml"
+    config.write_text("models:\n  - name: tiny-gpt2\n")
+    state_path(str(config)).write_text(json.dumps({"pid": os.getpid(), "address": cluster.address}))
+    assert main(["status", str(config)]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith(where))
+    assert "tokens/s" in table and f"{after[where] / RATE_WINDOW_S:.1f}" in row.split()
+    assert main(["status", "--json", str(config)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert {r["id"]: r["load"]["throughput"]["models"]["tiny-gpt2"]["tokens"]
+            for r in printed["replicas"]} == after
+    s.close()
 
 
 def test_process_backend_move_is_exact(process_cluster):
@@ -373,8 +502,8 @@ def ray_cluster(tmp_path_factory):
 def test_ray_places_replicas_and_sessions(ray_cluster):
     import ray
     cluster, cc = ray_cluster
-    assert cc.models() == {"tiny-gpt2": {"model": "tiny-gpt2", "replicas": 2, "healthy": 2},
-                           "smollm2": {"model": "smollm2-135m", "replicas": 1, "healthy": 1}}
+    assert {name: (m["model"], m["replicas"], m["healthy"]) for name, m in cc.models().items()} \
+        == {"tiny-gpt2": ("tiny-gpt2", 2, 2), "smollm2": ("smollm2-135m", 1, 1)}
     # one Ray actor per replica, holding the resources its config asked for
     for rid in ("tiny-gpt2/0", "tiny-gpt2/1", "smollm2/0"):
         assert ray.get_actor(f"djinn-replica-{rid}") is not None

@@ -270,17 +270,21 @@ def _plain_run(loaded, ids, hooks):
     return {k: v.cpu().numpy() for k, v in seen.items()}
 
 
+def _open_block_1(kernel, client, model, request):
+    """A session on ``model`` ("tiny-gpt2" or "tiny-llama"), its loaded model, PROMPT's ids,
+    decoder block 1 and whether it is the Llama."""
+    name = request.getfixturevalue("tiny_llama_path") if model == "tiny-llama" else model
+    s = client.session(model=name)
+    loaded = kernel.models.get(s.model)
+    return s, loaded, s.tokenize(PROMPT), loaded.layers[1], model == "tiny-llama"
+
+
 @pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
 def test_more_transformer_lens_names(kernel, client, model, request):
     """hook_resid_mid (the input of the norm before the MLP), ln1/ln2.hook_normalized,
     attn.hook_q/k/v (Llama's separate projections) and hook_pos_embed (GPT-2's wpe) equal
     plain hooks on those modules; the names the architecture lacks are clear errors."""
-    name = request.getfixturevalue("tiny_llama_path") if model == "tiny-llama" else model
-    s = client.session(model=name)
-    loaded = kernel.models.get(s.model)
-    ids = s.tokenize(PROMPT)
-    block = loaded.layers[1]
-    llama = model == "tiny-llama"
+    s, loaded, ids, block, llama = _open_block_1(kernel, client, model, request)
     hooks = {"blocks.1.hook_resid_mid": (block.post_attention_layernorm if llama else block.ln_2, True),
              "blocks.1.ln1.hook_normalized": (block.input_layernorm if llama else block.ln_1, False),
              "blocks.1.ln2.hook_normalized": (block.post_attention_layernorm if llama else block.ln_2, False)}
@@ -313,5 +317,89 @@ def test_more_transformer_lens_names(kernel, client, model, request):
                  lambda: s.cache(ids, steering=[{"layer": 1, "site": "resid_mid", "scale": 1.0}])):
         with pytest.raises(dj.InvalidArgumentError, match="read-only|block sites"):
             call()
+    assert s.generate(ids, 2).finished
+    s.close()
+
+
+def _zeroing_run(loaded, ids, module, pre):
+    """A direct forward pass with a plain hook that zeroes ``module``'s input (``pre``) or
+    output; the last position's logits."""
+    if pre:
+        h = module.register_forward_pre_hook(lambda m, a: (torch.zeros_like(a[0]),) + tuple(a[1:]))
+    else:
+        h = module.register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+    try:
+        with torch.inference_mode(), loaded.compute_lock:
+            out = loaded.model(input_ids=torch.tensor([ids], device=loaded.device), use_cache=False)
+    finally:
+        h.remove()
+    return out.logits[0, -1].float().cpu().numpy()
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"])
+def test_attn_in_mlp_in_and_mlp_hook_names(kernel, client, model, request):
+    """hook_attn_in / hook_mlp_in (the inputs of the block's two norms), mlp.hook_pre (GPT-2's
+    c_fc, Llama's gate_proj), mlp.hook_pre_linear (Llama's up_proj) and mlp.hook_post (the
+    input of the MLP's down projection) equal plain hooks on those modules; edits there act
+    as a plain hook's edit does; the names with no honest equivalent are refused with why."""
+    s, loaded, ids, block, llama = _open_block_1(kernel, client, model, request)
+    down = block.mlp.down_proj if llama else block.mlp.c_proj
+    mid = block.post_attention_layernorm if llama else block.ln_2
+    hooks = {"blocks.1.hook_attn_in": (block.input_layernorm if llama else block.ln_1, True),
+             "blocks.1.hook_mlp_in": (mid, True),
+             "blocks.1.mlp.hook_pre": (block.mlp.gate_proj if llama else block.mlp.c_fc, False),
+             "blocks.1.mlp.hook_post": (down, True)}
+    if llama:
+        hooks["blocks.1.mlp.hook_pre_linear"] = (block.mlp.up_proj, False)
+    want = _plain_run(loaded, ids, hooks)
+    cache = s.cache(ids, sites=list(hooks))
+    for hook in hooks:
+        np.testing.assert_allclose(cache[hook], want[hook], atol=1e-6, err_msg=hook)
+    d_mlp = 128 if llama else 4 * loaded.hidden_size
+    assert cache["blocks.1.mlp.hook_post"].shape == (len(ids), d_mlp)
+    assert cache["mlp_post", 1].shape == (len(ids), d_mlp)           # the site by its own name
+    # the same values as the residual stream there: resid_pre of block 1, resid_mid
+    ref = s.cache(ids, sites=["resid", "resid_mid"], layers=[0, 1])
+    np.testing.assert_array_equal(cache["blocks.1.hook_attn_in"], ref["resid", 0])
+    np.testing.assert_array_equal(cache["blocks.1.hook_mlp_in"], ref["resid_mid", 1])
+    # edits: scale 1.0 is bit-identical to no rule; scale 0 equals a plain hook zeroing the
+    # same tensor (at hook_attn_in / hook_mlp_in only that sub-block's input changes)
+    base = s.generate(ids, 4, return_logits=True, stop_at_eos=False).result
+    for hook in ("blocks.1.hook_attn_in", "blocks.1.hook_mlp_in", "blocks.1.mlp.hook_post"):
+        s.steer(site=hook, scale=1.0)
+        same = s.generate(ids, 4, return_logits=True, stop_at_eos=False).result
+        assert same.tokens == base.tokens and np.array_equal(same.logits, base.logits), hook
+        s.clear_steering()
+        s.steer(site=hook, scale=0.0)
+        zeroed = s.generate(ids, 1, return_logits=True).result.logits[0]
+        s.clear_steering()
+        module, pre = hooks[hook]
+        np.testing.assert_allclose(zeroed, _zeroing_run(loaded, ids, module, pre), atol=1e-5,
+                                   err_msg=hook)
+        assert np.abs(zeroed - base.logits[0]).max() > 1e-3, hook      # the edit did something
+    # an mlp_post vector is d_mlp wide; a hidden-size one is refused
+    s.steer(site="blocks.1.mlp.hook_post", add=np.zeros(d_mlp, dtype=np.float32))
+    s.clear_steering()
+    with pytest.raises(dj.InvalidEditError):
+        s.steer(site="blocks.1.mlp.hook_post", add=np.zeros(loaded.hidden_size + 1, dtype=np.float32))
+    # a pause at mlp.hook_post shows that tensor; resuming gives the same tokens
+    s.breakpoint(site="blocks.1.mlp.hook_post", phase="decode", steps=[2])
+    ev = s.generate(ids, 4, stop_at_eos=False)
+    assert ev.paused and (ev.layer, ev.site, ev.step) == (1, "mlp_post", 2)
+    assert s.activation().shape == (1, d_mlp)
+    assert s.resume().tokens == base.tokens
+    s.clear_breakpoints()
+    if not llama:
+        with pytest.raises(dj.UnsupportedModelError, match="gated MLP"):
+            s.cache(ids, sites=["blocks.1.mlp.hook_pre_linear"])
+    for hook, why in (("blocks.1.attn.hook_rot_q", "rotary"), ("blocks.0.attn.hook_rot_k", "rotary"),
+                      ("blocks.1.attn.hook_attn_scores", "pre-softmax"),
+                      ("blocks.1.attn.hook_result", "per-head outputs"),
+                      ("blocks.1.ln2.hook_scale", "scale"), ("ln_final.hook_scale", "scale"),
+                      ("blocks.1.hook_q_input", "one normalised input")):
+        with pytest.raises(dj.InvalidArgumentError, match=f"not mapped: .*{why}"):
+            s.cache(ids, sites=[hook])
+        with pytest.raises(dj.InvalidArgumentError, match="not mapped"):
+            s.steer(site=hook, scale=1.0)
     assert s.generate(ids, 2).finished
     s.close()
