@@ -13,8 +13,11 @@ own session with a standing rule, all started at once, against Hugging Face batc
   against 8 clients that each load the checkpoint's file and resume together (their
   decode steps are rows of one batched step); tokens compared scale by scale;
 - join stall (engine on): a client decoding while another joins with a long prompt:
-  the running client's slowest step against its median (the joiner's prefill runs
-  under the model's lock), and the joiner's prefill alone.
+  the running client's slowest step against its median, and the joiner's prefill alone;
+  with the prompt prefilled in chunks (the default) and in one forward
+  (``DJINN_PREFILL_CHUNK=0``, a second server);
+- paused neighbour (engine on): N-1 clients running beside an N-th session paused for the
+  whole run vs the same N-1 alone (aggregate tokens/s ratio).
 
 Aggregate tokens/s = clients x tokens / (last client's end - first client's start).
 
@@ -115,6 +118,8 @@ def server_runs(args, mode: str, counts: list, tmp: Path, solo_of=None, extras=F
         if extras and not args.no_sweep:
             out["sweep"] = sweep(server.address, args, tmp)
             out["join_stall"] = join_stall(server.address, args)
+        if extras and not args.no_paused:
+            out["paused_neighbour"] = paused_neighbour(server.address, args, tmp, solo)
         return out, solo
     finally:
         server.close()
@@ -201,7 +206,7 @@ def sweep(address: str, args, tmp: Path) -> dict:
 def join_stall(address: str, args) -> dict:
     """A running client's step times while another client joins with a long prompt."""
     import djinn_nb as dj
-    long_prompt = " ".join(["The history of the river valley is long and"] * 100)
+    long_prompt = " ".join(["The history of the river valley is long and"] * (args.joiner_tokens // 9))
     ca, cb = dj.connect(address), dj.connect(address)
     a, b = ca.session(), cb.session()
     a.steer(layer=args.layer, scale=0.9)
@@ -231,6 +236,37 @@ def join_stall(address: str, args) -> dict:
            "stall_ms": max(steps) - med}
     print("join stall", res, flush=True)
     return res
+
+
+def paused_neighbour(address: str, args, tmp: Path, solo: list, reps: int = 2) -> dict:
+    """N-1 clients running, alone and beside an N-th session paused (at a breakpoint of its
+    first decode step, its row held in the lane) for the whole run, alternated ``reps``
+    times: aggregate tokens/s of the running ones."""
+    import djinn_nb as dj
+    n = max(args.clients) - 1
+    rates: dict = {"alone": [], "with_paused": []}
+    same = []
+    for _ in range(reps):
+        for kind in ("alone", "with_paused"):
+            c = s = None
+            if kind == "with_paused":
+                c = dj.connect(address)
+                s = c.session()
+                s.steer(layer=args.layer, scale=0.9)
+                s.breakpoint(layer=0, steps=[1])
+                assert s.generate(PROMPTS[n], max_new_tokens=args.tokens, stop_at_eos=False).paused
+            runs = run_clients(address, PROMPTS[:n], args, tmp)
+            if s is not None:
+                assert s.state == "paused"          # paused for the whole run
+                s.stop()
+                c.close()
+            rates[kind].append(aggregate(runs, args.tokens)["tokens_per_s"])
+            same += [r[0] == o[0] and bool(np.array_equal(r[1], o[1])) for r, o in zip(runs, solo)]
+    out = {"running_clients": n, "paused_sessions": 1, "tokens_per_s": rates,
+           "ratio": float(np.median(rates["with_paused"]) / np.median(rates["alone"])),
+           "bit_equal_solo": all(same)}
+    print("paused neighbour", out, flush=True)
+    return out
 
 
 def hf_batched(args, n: int) -> dict:
@@ -292,6 +328,12 @@ def parse_args(argv=None):
     p.add_argument("--off-clients", type=int, nargs="+", default=[1],
                    help="client counts of the engine-off server")
     p.add_argument("--no-sweep", action="store_true", help="skip the sweep and join-stall runs")
+    p.add_argument("--joiner-tokens", type=int, default=3000,
+                   help="the join stall's long prompt, in tokens (about; prefill chunks are 1024)")
+    p.add_argument("--no-paused", action="store_true",
+                   help="skip N-1 clients beside a paused session vs alone")
+    p.add_argument("--no-unchunked", action="store_true",
+                   help="skip the join stall with prefill chunking off (a second engine-on server)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default=None)
     p.add_argument("--smoke", action="store_true", help="tiny-gpt2 on CPU, 1 and 2 clients")
@@ -305,8 +347,14 @@ def parse_args(argv=None):
     if args.smoke and args.client is None:
         args.model, args.device, args.dtype = "tiny-gpt2", "cpu", None
         args.tokens, args.layer, args.clients, args.reps = 8, 2, [1, 2], 1
-        args.off_clients = [1]
+        args.off_clients, args.joiner_tokens = [1], 900
     return args
+
+
+def _prefill_chunk() -> int:
+    """The engine-on server's prefill chunk (its default unless $DJINN_PREFILL_CHUNK says)."""
+    from kernel_server.runtime import scheduler
+    return scheduler.PREFILL_CHUNK
 
 
 def main(argv=None) -> int:
@@ -315,9 +363,21 @@ def main(argv=None) -> int:
         return client_main(args)
     tmp = Path(tempfile.mkdtemp(prefix="djinn-tenants-"))
     on, solo = server_runs(args, "on", args.clients, tmp, extras=True)
+    unchunked = None
+    if not args.no_sweep and not args.no_unchunked:
+        # the join stall before chunked prefill: one forward per prompt (DJINN_PREFILL_CHUNK=0)
+        from common import start_server
+        os.environ["DJINN_PREFILL_CHUNK"] = "0"
+        server = start_server(args.model, args.device, args.dtype)
+        try:
+            unchunked = join_stall(server.address, args)
+        finally:
+            server.close()
+            del os.environ["DJINN_PREFILL_CHUNK"]
     result = {"benchmark": "tenants", "command": command_line(), "model": args.model, "device": args.device,
               "dtype": args.dtype or "float32", "tokens_per_client": args.tokens,
               "rule": f"scale=0.9 at layer {args.layer}", "env": environment(args.device),
+              "prefill_chunk": _prefill_chunk(),
               "engine_on": on}
     if not args.no_off:
         # engine off: one client (today's solo fast path; many clients then take turns)
@@ -333,6 +393,12 @@ def main(argv=None) -> int:
         result["sweep_speedup"] = on["sweep"]["speedup"]
         result["sweep_tokens_equal_fork"] = all(on["sweep"]["tokens_equal_fork"])
         result["join_stall_ms"] = on["join_stall"]["stall_ms"]
+    if unchunked is not None:
+        result["join_stall_unchunked"] = unchunked
+        result["join_stall_unchunked_ms"] = unchunked["stall_ms"]
+    if "paused_neighbour" in on:
+        result["paused_neighbour_ratio"] = on["paused_neighbour"]["ratio"]
+        result["paused_neighbour_bit_equal_solo"] = on["paused_neighbour"]["bit_equal_solo"]
     result["all_bit_equal_solo"] = all(all(r["logits_bit_equal_solo"]) and all(r["tokens_equal_solo"])
                                        for r in on["runs"])
     return finish(args, result, "tenants", plot)

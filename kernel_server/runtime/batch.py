@@ -22,7 +22,7 @@ import torch
 from dataclasses import replace
 
 from djinn_protocol.errors import InvalidArgumentError
-from kernel_server.runtime import scheduler
+from kernel_server.runtime import scheduler, throughput
 from kernel_server.runtime.generation import GenerationRun, GenState, _eos_ids
 from kernel_server.model.interventions import Interventions
 from kernel_server.model.registry import LoadedModel
@@ -50,8 +50,16 @@ class BatchRun(GenerationRun):
 
     def boundary_state(self):
         from djinn_protocol.errors import CheckpointError
-        raise CheckpointError("checkpoints of batched generations are not supported: generate "
-                              "the row you want to keep on its own, then checkpoint it")
+        # A checkpoint (and its file format) is one sequence: one token list, one KV cache,
+        # one RNG state, restored into one session. A batch call is N sequences behind one
+        # session (padded together off the engine, N lane rows on it), and a restore into
+        # one session could not say which row continues.
+        raise CheckpointError(
+            f"checkpoints of batched generations are not supported: a checkpoint holds one "
+            f"sequence and this session's generate() made {self.rows}. Generate the row you "
+            "want to keep on its own and checkpoint it; with the decode engine on (--tenants "
+            "on), separate sessions decoding at once are rows of the same batched steps, and "
+            "each of them can be checkpointed")
 
     def _decode_loop(self) -> None:
         sched = scheduler.scheduler_for(self.loaded)
@@ -88,6 +96,7 @@ class BatchRun(GenerationRun):
                 if cfg.return_logits:
                     self.row_logits[b].append(logits[b].float().cpu().numpy())
                 self.row_tokens[b].append(token_id)
+                throughput.count(loaded.name)   # the load record's tokens/s (cluster)
                 self.row_records[b].append({
                     "step": self.step, "token_id": token_id,
                     "text": loaded.tokenizer.decode([token_id]),
@@ -137,11 +146,14 @@ class BatchRun(GenerationRun):
                         run._phase, run._fired_rules = "prefill", []
                         run.cache = DynamicCache(config=model.config)
                         ids = torch.tensor([run.tokens], device=device)
-                        with loaded.compute_lock, loaded.hooks.active(run):
-                            out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                        use_cache=True, logits_to_keep=1,
-                                        **{loaded.cache_kwarg: run.cache})
-                        logits[b] = out.logits[:, -1, :]
+                        # chunked as the same prompt alone is (a long one)
+                        logits[b] = sched.prefill(run, ids)
+                        if logits[b] is None:
+                            with loaded.compute_lock, loaded.hooks.active(run):
+                                out = model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                            use_cache=True, logits_to_keep=1,
+                                            **{loaded.cache_kwarg: run.cache})
+                            logits[b] = out.logits[:, -1, :]
                 else:
                     for b in live:
                         run = runs[b]
@@ -161,6 +173,7 @@ class BatchRun(GenerationRun):
                     if cfg.return_logits:
                         self.row_logits[b].append(row[0].float().cpu().numpy())
                     self.row_tokens[b].append(token_id)
+                    throughput.count(loaded.name)   # the load record's tokens/s (cluster)
                     self.row_records[b].append({
                         "step": self.step, "token_id": token_id,
                         "text": loaded.tokenizer.decode([token_id]),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from djinn_protocol.errors import DjinnError, LimitExceededError, ServerError
-from kernel_server.runtime import fast_decode, scheduler
+from kernel_server.runtime import fast_decode, scheduler, throughput
 from kernel_server.model.interventions import EditOp, Interventions, apply_edit, apply_rule
 from kernel_server.model.registry import LoadedModel
 
@@ -314,9 +314,13 @@ class GenerationRun:
                 top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(cfg.record_top_k)
                 token_id = int(token)
             else:
+                # on the engine a long prompt is prefilled in chunks between the running
+                # rows' steps (None: one forward, below)
+                chunked = sched.prefill(self, next_input) if sched is not None and self.step == 0 else None
                 with loaded.compute_lock:
                     # a CUDA-graph step on a static cache, or None: the eager forward below
-                    logits = fast.forward(next_input) if fast is not None else None
+                    logits = chunked if chunked is not None else (
+                        fast.forward(next_input) if fast is not None else None)
                     if logits is None:
                         out = model(input_ids=next_input, attention_mask=mask, use_cache=True,
                                     logits_to_keep=1, **{loaded.cache_kwarg: self.cache})
@@ -333,6 +337,7 @@ class GenerationRun:
                                       (t1 - t0) * 1e3 - paused_ms, paused_ms,
                                       self._fired_breaks, self._fired_rules))
             self.step += 1
+            throughput.count(loaded.name)          # the load record's tokens/s (cluster)
             next_input = token.view(1, 1)
             if cfg.stop_at_eos and token_id in eos:
                 self.stop_reason = "eos"

@@ -11,15 +11,21 @@ in the lane or when they joined or left: no kernel sees another shape, and no re
 sees the row's values at another offset (on CUDA the decode attention is the split-KV
 kernel of kernel_server/model/exact_attention.py, batch-invariant and reading each row's
 extent only; on CPU the lane's attention runs row by row, ``exact_attention.rows_apart``).
-What this costs a solo session is measured in bench/tenants_bench.py (docs/sharing.md).
+What this costs a solo session is measured in bench/tenants_bench.py end to end and broken
+down by bench/tenants_profile.py (H200, random Llama-7B bf16: the 8-row lane graph replays
+in 1.11x the time of the 1-row fast-decode graph; that shape is the price of exactness).
 
 Who runs where:
 - the prefill of a joining session runs eagerly in its own worker (the ordinary
-  DynamicCache path, the same bits as without the engine), under the model's compute
-  lock: it stalls the running sessions for one prefill (counted in ``stats``);
+  DynamicCache path) under the model's compute lock; a prompt longer than
+  ``PREFILL_CHUNK`` tokens runs in chunks of that size with one batched step of the
+  running rows between two chunks (``DecodeScheduler.prefill``), so it stalls them for one
+  chunk, not one prompt. The chunking depends on the prompt alone: a session's bits never
+  depend on who else runs (its solo run on the engine is chunked the same way);
 - then the session *joins* a lane row (its keys and values copied in) and each decode
   step is a request to the scheduler; once every row expected in the batch has asked,
-  the scheduler's loop thread runs one step for all of them: on CUDA the replay of
+  the scheduler's loop thread runs one step for all of them (a session alone runs it in
+  its own worker, no hand-off: the same program and shape): on CUDA the replay of
   the lane's CUDA graph for its *program* of rules, without graphs the same forward run
   eagerly. Each row's standing rules (scale / add / set at resid, attn and mlp,
   step-limited, on explicit positions, and expressions) live in per-row device buffers
@@ -61,6 +67,17 @@ ROWS = int(os.environ.get("DJINN_TENANT_ROWS", "8"))
 GRAPHS = os.environ.get("DJINN_TENANT_GRAPHS", "1") != "0"
 MAX_PROGRAMS_PER_LANE = 8   # rule programs (each its buffers and graph) kept per lane
 WARMUP_STEPS = 2            # eager forwards on the capture stream before capturing
+#: a joining run's prompt is prefilled in chunks of this many tokens, each under the compute
+#: lock, with the running rows' decode steps between them ("0": one forward, as before).
+#: An eager forward of a 7B model on an H200 costs ~25 ms of kernel launches whatever its
+#: length up to ~1k tokens (a 256-token chunk 23 ms, 900 tokens in one forward 28 ms:
+#: bench/results/tenants_profile_cuda.json), so shorter chunks cut no stall, they only
+#: slow the joiner down
+PREFILL_CHUNK = int(os.environ.get("DJINN_PREFILL_CHUNK", "1024"))
+PREFILL_YIELD_S = 5.0       # hang guard only: how long a chunk waits for the others' step
+#: a member alone in the scheduler runs its batched step in its own thread ("0": always
+#: hand the step to the loop thread)
+INLINE_SOLO = os.environ.get("DJINN_TENANT_INLINE", "1") != "0"
 
 
 def set_mode(mode: str) -> None:
@@ -123,13 +140,20 @@ class _StepCache:
 
     def __init__(self, lane: "Lane", write: torch.Tensor):
         self.lane = lane
-        self.write = write
+        # (row, head) -> the flat index of the row's write position in a [rows * heads *
+        # width, dim] view: one index_copy_ per layer, as a static cache writes (an index_put
+        # over (row, position) pairs took 1.6x its GPU time on the H200, tenants_profile)
+        self.flat = {heads: (base + write[:, None]).reshape(-1)
+                     for heads, base in lane.flat_base.items()}
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         lane = self.lane
         keys, values = lane.keys[layer_idx], lane.values[layer_idx]
-        keys[lane.row_index, :, self.write] = key_states[:, :, 0].to(keys.dtype)
-        values[lane.row_index, :, self.write] = value_states[:, :, 0].to(values.dtype)
+        rows, heads, _, dim = keys.shape
+        flat = self.flat[heads]
+        keys.view(-1, dim).index_copy_(0, flat, key_states.reshape(rows * heads, dim).to(keys.dtype))
+        values.view(-1, values.shape[-1]).index_copy_(
+            0, flat, value_states.reshape(rows * heads, values.shape[-1]).to(values.dtype))
         return keys, values
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -163,11 +187,20 @@ class Lane:
                                            dtype=v.dtype, device=v.device))
         self.members: list = [None] * rows
         device = loaded.device
-        self.row_index = torch.arange(rows, device=device)
         self._positions = torch.arange(width, device=device)
+        #: kv heads -> [rows, heads] flat index of (row, head, position 0) in a layer
+        self.flat_base = {h: (torch.arange(rows, device=device)[:, None] * h
+                              + torch.arange(h, device=device)[None, :]) * width
+                          for h in sorted({k.shape[1] for k, _ in like})}
         #: a batched step's inputs per row: token id, position id, write position, first
         #: attended position (a CUDA graph reads them here)
         self.inputs = torch.zeros((4, rows), dtype=torch.long, device=device)
+        # their host side: pinned, written in place, copied without a host sync; the event
+        # says the last copy has left it (checked before the next write)
+        cuda = torch.device(device).type == "cuda"
+        self._host = torch.zeros((4, rows), dtype=torch.long, pin_memory=cuda)
+        self._host_np = self._host.numpy()
+        self._copied = torch.cuda.Event() if cuda else None
         eager = getattr(loaded.model.config, "_attn_implementation", None) == "eager"
         self._additive = eager       # eager attention adds its mask; sdpa takes a bool one
         self.programs: dict = {}     # program -> _LaneGraph (insertion order = LRU)
@@ -190,6 +223,20 @@ class Lane:
         for r, (token_id, length) in rows.items():
             ids[r], pos[r], write[r], first[r] = token_id, length, length, 0
         return torch.tensor([ids, pos, write, first], dtype=torch.long)
+
+    def load_inputs(self, rows: dict) -> None:
+        """Put ``step_inputs(rows)`` into ``self.inputs`` (what the batched step reads),
+        through the pinned host buffer, without waiting for the device."""
+        if self._copied is not None:
+            self._copied.synchronize()        # (the last step's copy is long done by now)
+        host = self._host_np
+        host[0:2] = 0
+        host[2:4] = self.scratch
+        for r, (token_id, length) in rows.items():
+            host[0, r], host[1, r], host[2, r], host[3, r] = token_id, length, length, 0
+        self.inputs.copy_(self._host, non_blocking=self._copied is not None)
+        if self._copied is not None:
+            self._copied.record(torch.cuda.current_stream(self.inputs.device))
 
     def forward(self, inputs: torch.Tensor, target) -> torch.Tensor:
         """One decode step of shape [rows, 1] from ``inputs`` (``step_inputs`` on the
@@ -229,6 +276,29 @@ class Lane:
             if entry.graph is not None:
                 entry.graph.reset()
         self.programs.clear()
+
+
+# ---- chunked prefill ----------------------------------------------------------------------------
+def chunkable(run) -> str | None:
+    """Why ``run``'s prefill must run in one forward (None: it may run in chunks). A chunk's
+    hooks see [1, chunk, width]; what they do is the same per position only for rules on
+    every position with one vector, and no pause: anything else keeps the one forward."""
+    if run.step_target is not None and run.step_target[1] == 0:
+        return "a step() target in the prefill"
+    if not run.ignore_breakpoints and any(b.phase in ("prefill", "both")
+                                          for b in run.interventions.breakpoints):
+        return "a breakpoint in the prefill"
+    for rule in run.interventions.rules:
+        if not rule.matches(rule.layer, 0, "prefill"):
+            continue
+        op = rule.op
+        if op.kind not in ("scale", "add", "set") or op.positions != "all":
+            return f"prefill rule {rule.id} ({op.kind} on {op.positions!r})"
+        if op.vector is not None and not (op.vector.dim() == 1 or op.vector.shape[0] == 1):
+            return f"prefill rule {rule.id} has a vector per position"
+        if rule.site.startswith("module:"):
+            return f"prefill rule {rule.id} on {rule.site}"
+    return None
 
 
 # ---- the hook target of a step outside the batch ---------------------------------------------
@@ -283,7 +353,8 @@ class Member:
         """This step outside the batch (same shape, only this row written), with the run's
         own hooks: it may pause; the compute lock is released while it is paused."""
         run, sched = self.run, self.scheduler
-        sched.stats["own_steps"] += 1
+        with sched.cond:
+            sched.counters["own_steps"] += 1
         with run.loaded.compute_lock:
             inputs = self.lane.step_inputs({self.row: (int(run.tokens[-1]), self.length)})
             logits = self.lane.forward(inputs.to(run.loaded.device),
@@ -327,8 +398,10 @@ class DecodeScheduler:
         self.cond = threading.Condition()
         self.pending: dict = {}           # Member -> next input token id
         self.expected: set = set()        # members whose next step is a batch request
-        self.stats = {"batched_steps": 0, "rows_stepped": 0, "own_steps": 0, "joins": 0,
-                      "max_rows": 0, "graph_steps": 0, "captures": 0, "capture_failures": 0}
+        #: event counters (``stats()`` adds the rows held now); updated under ``cond``
+        self.counters = {"batched_steps": 0, "rows_stepped": 0, "own_steps": 0, "joins": 0,
+                         "max_rows": 0, "graph_steps": 0, "captures": 0, "capture_failures": 0,
+                         "prefill_chunks": 0}
         cuda = torch.device(loaded.device).type == "cuda"
         self.use_graphs = cuda and GRAPHS
         self.graphs_broken: str | None = None     # a capture failed: lane steps run eagerly
@@ -377,12 +450,21 @@ class DecodeScheduler:
                 m.seqs, m._own = seqs, None
                 m.done.clear()
                 batched.append(m)
-        if batched:
-            with self.cond:
-                for m in batched:
-                    self.expected.add(m)
+        if not batched:
+            return
+        with self.cond:
+            # nobody else expected and nothing waiting: this thread runs the step itself (no
+            # hand-off to the loop thread; the same program, graph and shape, so the same
+            # bits). The members stay expected: one who asks meanwhile waits for them
+            inline = INLINE_SOLO and not self.pending and self.expected.issubset(batched)
+            for m in batched:
+                self.expected.add(m)
+                if not inline:
                     self.pending[m] = int(m.run.tokens[-1])
+            if not inline:
                 self.cond.notify_all()
+        if inline:
+            self._run_batch({m: int(m.run.tokens[-1]) for m in batched})
 
     # ---- joining and leaving (run workers) ---------------------------------------------
     def join(self, run) -> Member:
@@ -406,7 +488,8 @@ class DecodeScheduler:
                 dv[row, :, :length] = v[0]
             member = Member(self, run, lane, row, length)
             lane.members[row] = member
-            self.stats["joins"] += 1
+            self.counters["joins"] += 1
+            self.cond.notify_all()          # (stats() readers waiting for a join)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, daemon=True,
                                                 name=f"djinn-scheduler-{self.loaded.name}")
@@ -439,10 +522,61 @@ class DecodeScheduler:
         # throughput; whoever runs outside the batch (a pause) is not expected
         return bool(self.pending) and self.expected.issubset(self.pending)
 
+    # ---- prefill (run workers) ---------------------------------------------------------------
+    def prefill(self, run, ids: torch.Tensor) -> torch.Tensor | None:
+        """The prefill of ``run`` (``ids`` [1, n] its prompt, ``run.cache`` empty) in chunks of
+        ``PREFILL_CHUNK`` tokens with the run's hooks, each chunk under the compute lock and,
+        between two chunks, one batched step of the running rows: a long prompt stalls them
+        for one chunk, not for the whole prompt. The chunking depends on the prompt only
+        (never on who else runs), so the run's bits are those of its solo run on the engine.
+        Its last position's logits [1, vocab], or None: one forward, the caller's own
+        (a prompt of one chunk or less, or ``chunkable`` says why not)."""
+        n = ids.shape[1]
+        if PREFILL_CHUNK <= 0 or n <= PREFILL_CHUNK or chunkable(run) is not None:
+            return None
+        loaded = self.loaded
+        fired: list = []
+        for start in range(0, n, PREFILL_CHUNK):
+            if start:
+                self._yield_to_decode()
+            end = min(n, start + PREFILL_CHUNK)
+            with loaded.compute_lock, loaded.hooks.active(run):
+                run._fired_rules = []
+                out = loaded.model(input_ids=ids[:, start:end],
+                                   attention_mask=torch.ones((1, end), dtype=torch.long, device=ids.device),
+                                   use_cache=True, logits_to_keep=1, **{loaded.cache_kwarg: run.cache})
+                fired += run._fired_rules
+            with self.cond:
+                self.counters["prefill_chunks"] += 1
+        run._fired_rules = list(dict.fromkeys(fired))     # each rule once, as in one forward
+        return out.logits[:, -1, :]
+
+    def _yield_to_decode(self) -> None:
+        """Wait for one batched step when some row expects one (between two prefill chunks)."""
+        with self.cond:
+            if not self.expected:
+                return
+            target = self.counters["batched_steps"] + 1
+            self.cond.wait_for(lambda: self.counters["batched_steps"] >= target or not self.expected,
+                               timeout=PREFILL_YIELD_S)
+
+    def stats(self) -> dict:
+        """Rows held now (``rows_active`` stepping, ``rows_paused`` at a pause) and the
+        counters: ``steps`` decode steps run (batched + outside the batch), ``tokens`` decode
+        tokens they made (prefill not counted), and the event counters. Cheap, any thread."""
+        with self.cond:
+            members = [m for lane in self.lanes for m in lane.members if m is not None]
+            c = dict(self.counters)
+        paused = sum(1 for m in members if m.run.pause is not None)
+        return {"rows_active": len(members) - paused, "rows_paused": paused,
+                "steps": c["batched_steps"] + c["own_steps"],
+                "tokens": c["rows_stepped"] + c["own_steps"], **c}
+
     def _loop(self) -> None:
-        # (a variant where the last member to ask ran the step in its own thread, with no
-        # hand-off, measured slower on the H200 with 8 clients: 311 vs 390 tokens/s, and no
-        # faster alone; docs/results/gpu_runs/2026-11-30_h200_tenants_inline_variant.log)
+        # (a variant where the *last* member to ask ran every step in its own thread
+        # measured slower with 8 clients on the H200, 311 vs 390 tokens/s:
+        # docs/results/gpu_runs/2026-11-30_h200_tenants_inline_variant.log; only a member
+        # alone runs its step inline now, ``submit``)
         with torch.inference_mode():
             while True:
                 with self.cond:
@@ -466,9 +600,11 @@ class DecodeScheduler:
                 log.exception("batched decode step failed")
                 for m in members.values():
                     m.error = exc
-            self.stats["batched_steps"] += 1
-            self.stats["rows_stepped"] += len(members)
-            self.stats["max_rows"] = max(self.stats["max_rows"], len(members))
+            with self.cond:
+                self.counters["batched_steps"] += 1
+                self.counters["rows_stepped"] += len(members)
+                self.counters["max_rows"] = max(self.counters["max_rows"], len(members))
+                self.cond.notify_all()      # (a prefill waiting between two chunks)
             for m in members.values():
                 m.done.set()
 
@@ -489,13 +625,13 @@ class DecodeScheduler:
                 entry.buffers.prepare(m.row, m.seqs)
         for r, m in members.items():
             m.run.add_fired_rules(entry.buffers.bind(r, m.seqs, m.run.step, m.length))
-        lane.inputs.copy_(lane.step_inputs({r: (tokens[m], m.length) for r, m in members.items()}))
+        lane.load_inputs({r: (tokens[m], m.length) for r, m in members.items()})
         if entry.graph is None and self.use_graphs and not self.graphs_broken:
             self._capture(lane, entry)
         if entry.graph is not None:
             with torch.cuda.device(self.loaded.device):
                 entry.graph.replay()
-            self.stats["graph_steps"] += 1
+            self.counters["graph_steps"] += 1
             logits = entry.logits
         else:
             logits = lane.forward(lane.inputs, entry.buffers.proxy)
@@ -518,9 +654,9 @@ class DecodeScheduler:
                 with torch.cuda.graph(graph, stream=lane.stream, capture_error_mode="thread_local"):
                     logits = lane.forward(lane.inputs, entry.buffers.proxy)
             entry.graph, entry.logits = graph, logits
-            self.stats["captures"] += 1
+            self.counters["captures"] += 1
         except Exception as exc:  # never fail a generation for the fast path: step eagerly
-            self.stats["capture_failures"] += 1
+            self.counters["capture_failures"] += 1
             self.graphs_broken = f"{type(exc).__name__}: {exc}"
             log.warning("lane CUDA graph capture failed for %s, stepping eagerly: %s",
                         self.loaded.name, self.graphs_broken)

@@ -8,7 +8,7 @@ Also: standing rules inside the batched step (lane programs with per-row buffers
 add, step-limited, explicit positions, intervention expressions) equal the eager hooks of a
 step outside the batch; a slider move captures nothing again; batch calls' rows and forks
 of one checkpoint resumed together ride the engine with their solo bits. On CUDA the
-batched steps are CUDA graph replays (``stats["graph_steps"]``).
+batched steps are CUDA graph replays (``counters["graph_steps"]``).
 
 "Solo" means the same engine with nobody else in the lane: every engine step runs in one
 fixed shape (the scheduler's ROWS rows, padding included), so a solo run is the reference.
@@ -112,11 +112,11 @@ def test_clients_with_different_rules_get_their_solo_bits(server, kernel, model_
     jobs = [(PROMPTS[i], i, n) for i, n in enumerate((N, 6, 3 * N // 2, N // 2 + 1))]
     solo = [_solo(server, model_name, p, kind, n) for p, kind, n in jobs]
     loaded = _loaded(kernel, model_name)
-    before = dict(loaded.decode_scheduler.stats)
+    before = dict(loaded.decode_scheduler.counters)
     together = _together(server, model_name, jobs)
     for i in range(len(jobs)):
         _same(together[i], solo[i])
-    stats = loaded.decode_scheduler.stats
+    stats = loaded.decode_scheduler.counters
     assert stats["joins"] - before["joins"] == len(jobs)
     assert stats["rows_stepped"] - before["rows_stepped"] == sum(n - 1 for _, _, n in jobs)
 
@@ -239,7 +239,7 @@ def test_checkpoint_inside_a_batched_run_restores_exactly(server, kernel, model_
             r = cl.load_checkpoint(path).session
             r.clear_breakpoints()
             runs.append(r)
-        before = dict(sched.stats)
+        before = dict(sched.counters)
         out: dict = {}
         start = threading.Barrier(len(runs))
 
@@ -256,7 +256,7 @@ def test_checkpoint_inside_a_batched_run_restores_exactly(server, kernel, model_
             cl.close()
     for i in range(len(runs)):
         _same(out[i], base)
-    stats = sched.stats
+    stats = sched.counters
     assert stats["rows_stepped"] - before["rows_stepped"] == len(runs) * (N - k)
     assert stats["batched_steps"] - before["batched_steps"] < len(runs) * (N - k)
 
@@ -356,7 +356,7 @@ def test_expression_and_step_limited_rules_run_inside_the_batch_with_their_eager
     eager = [_outside_the_batch(server, model_name, p,
                                 lambda s, k=k: _expression_rules(s, k, layer)) for p, k in jobs]
     sched = _loaded(kernel, model_name).decode_scheduler
-    before = dict(sched.stats)
+    before = dict(sched.counters)
     out: dict = {}
     errors: list = []
     start = threading.Barrier(len(jobs))
@@ -379,7 +379,7 @@ def test_expression_and_step_limited_rules_run_inside_the_batch_with_their_eager
     assert not errors, errors
     for i in range(len(jobs)):
         _same(out[i], eager[i])
-    stats = sched.stats
+    stats = sched.counters
     # every decode step of the three runs was a row of a batched step (none outside)
     assert stats["own_steps"] == before["own_steps"]
     assert stats["rows_stepped"] - before["rows_stepped"] == len(jobs) * (N - 1)
@@ -403,10 +403,10 @@ def test_a_slider_move_rewrites_the_rows_buffers_without_a_new_program(server, k
             if len(results) == 1:
                 lane = next(l for l in sched.lanes if l.program is not None
                             and any(k == (layer, "resid") for k, _ in l.program))
-                programs, captures = dict(lane.programs), sched.stats["captures"]
+                programs, captures = dict(lane.programs), sched.counters["captures"]
         assert lane.programs.keys() == programs.keys()        # the same program ...
         assert all(lane.programs[p] is programs[p] for p in programs)   # ... and buffers
-        assert sched.stats["captures"] == captures             # nothing captured again
+        assert sched.counters["captures"] == captures             # nothing captured again
     _same(results[2], results[0])
     assert not np.array_equal(results[1].logits, results[0].logits)
     ruled = _outside_the_batch(server, model_name, PROMPTS[0], lambda s: (
@@ -424,12 +424,12 @@ def test_a_rule_the_lane_cannot_apply_takes_its_steps_outside_the_batch(server, 
         s.steer(layer=layer, site="heads", head=1, scale=0.0)
     first = _solo(server, model_name, PROMPTS[0], 0)          # (makes the scheduler)
     sched = _loaded(kernel, model_name).decode_scheduler
-    before = sched.stats["own_steps"]
+    before = sched.counters["own_steps"]
     with dj.connect(server.address) as c:
         s = c.session(model=model_name)
         setup(s)
         res = s.generate(PROMPTS[1], max_new_tokens=N, return_logits=True, stop_at_eos=False).result
-    assert sched.stats["own_steps"] - before == N - 1
+    assert sched.counters["own_steps"] - before == N - 1
     assert not np.array_equal(res.logits, _solo(server, model_name, PROMPTS[1], 0).logits)
     _same(res, _outside_the_batch(server, model_name, PROMPTS[1], setup))
     assert first.tokens
@@ -453,7 +453,7 @@ def test_batch_call_rows_ride_the_engine_and_equal_their_solo_runs(server, kerne
             solo.append(s.generate(p, max_new_tokens=N, return_logits=True, stop_at_eos=False).result)
     other = _solo(server, model_name, PROMPTS[0], 2, n=2 * N)
     sched = _loaded(kernel, model_name).decode_scheduler
-    before = dict(sched.stats)
+    before = dict(sched.counters)
     out: dict = {}
     t = threading.Thread(target=lambda: out.update(_together(server, model_name, [(PROMPTS[0], 2, 2 * N)])))
     t.start()
@@ -468,7 +468,7 @@ def test_batch_call_rows_ride_the_engine_and_equal_their_solo_runs(server, kerne
         assert got.prompt_tokens == want.prompt_tokens
         _same(got, want)
     _same(out[0], other)
-    stats = sched.stats
+    stats = sched.counters
     assert stats["joins"] - before["joins"] == len(PROMPTS) + 1
     assert stats["own_steps"] == before["own_steps"]
 
@@ -504,7 +504,7 @@ def test_forks_of_one_checkpoint_resumed_together_are_rows_of_one_step(server, k
             f.clear_breakpoints()
             f.steer(layer=layer, add=np.linspace(-1, 1, f.hidden_size).astype(np.float32), alpha=x)
             forks.append(f)
-        before = dict(sched.stats)
+        before = dict(sched.counters)
         out: dict = {}
         start = threading.Barrier(len(forks))
 
@@ -522,7 +522,131 @@ def test_forks_of_one_checkpoint_resumed_together_are_rows_of_one_step(server, k
     for i in range(len(scales)):
         _same(out[i], alone[i])
     assert len({tuple(r.tokens) for r in alone}) > 1 or model_name == "tiny-gpt2"
-    stats = sched.stats
+    stats = sched.counters
     assert stats["rows_stepped"] - before["rows_stepped"] == len(scales) * (N - 1)
     # rows shared steps: fewer batched steps than rows stepped
     assert stats["batched_steps"] - before["batched_steps"] < len(scales) * (N - 1)
+
+
+# ---- chunked prefill: a long prompt joins between the running rows' steps --------------------
+LONG = " ".join(["The history of the river valley is long and"] * 5)     # ~50 tokens
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Prefill chunks of 8 tokens (the server runs in this process): a long prompt is
+    several chunks on the tiny models."""
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 8)
+
+
+def test_a_long_prompt_prefilled_in_chunks_beside_running_rows_gets_its_solo_bits(
+        server, kernel, model_name, small_chunks, monkeypatch):
+    """The joiner's chunked prefill equals its solo (chunked) run bit for bit while another
+    session decodes; between two chunks the running row steps (seen by the counter at each
+    chunk boundary, not by timing); and chunked equals one forward to rounding."""
+    layer = _layer(model_name)
+    solo_long = _solo(server, model_name, LONG, 1)
+    sched = _loaded(kernel, model_name).decode_scheduler
+    n_chunks = -(-len(solo_long.prompt_tokens) // 8)
+    assert n_chunks >= 4
+    runner_solo = _solo(server, model_name, PROMPTS[0], 2, n=160)
+    boundaries: list = []
+    original = sched._yield_to_decode
+
+    def observed():
+        with sched.cond:
+            running = len(sched.expected)
+            before = sched.counters["batched_steps"]
+        original()
+        with sched.cond:
+            boundaries.append((running, before, sched.counters["batched_steps"], len(sched.expected)))
+    monkeypatch.setattr(sched, "_yield_to_decode", observed)
+    out: dict = {}
+    with dj.connect(server.address) as ca, dj.connect(server.address) as cb:
+        a, b = ca.session(model=model_name), cb.session(model=model_name)
+        _rules(a, 2, layer)
+        _rules(b, 1, layer)
+        joins = sched.counters["joins"]
+        t = threading.Thread(target=lambda: out.update(a=a.generate(
+            PROMPTS[0], max_new_tokens=160, return_logits=True, stop_at_eos=False).result))
+        t.start()
+        with sched.cond:           # a is a row of the lane (its decode started)
+            assert sched.cond.wait_for(lambda: sched.counters["joins"] > joins, timeout=120)
+        chunks = sched.counters["prefill_chunks"]
+        joined = b.generate(LONG, max_new_tokens=N, return_logits=True, stop_at_eos=False).result
+        t.join(timeout=600)
+    assert sched.counters["prefill_chunks"] - chunks == n_chunks
+    _same(joined, solo_long)
+    _same(out["a"], runner_solo)
+    # every boundary where a was running and still is after: a stepped in between
+    stepped = [(before, after) for running, before, after, still in boundaries if running and still]
+    assert len(stepped) >= n_chunks - 2, boundaries
+    assert all(after > before for before, after in stepped), boundaries
+    # one forward (no chunks): the same tokens, logits to rounding
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 0)
+    whole = _solo(server, model_name, LONG, 1)
+    assert whole.tokens == solo_long.tokens
+    assert np.abs(whole.logits - solo_long.logits).max() < 1e-3
+
+
+def test_a_batch_row_with_a_long_prompt_is_chunked_as_alone(server, model_name, small_chunks):
+    solo = [_solo(server, model_name, p, 1) for p in (LONG, PROMPTS[1])]
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        _rules(s, 1, _layer(model_name))
+        batch = s.generate([LONG, PROMPTS[1]], max_new_tokens=N, return_logits=True, stop_at_eos=False)
+    for got, want in zip(batch.results, solo):
+        _same(got, want)
+
+
+def test_a_prefill_breakpoint_keeps_the_prompt_in_one_forward(server, kernel, model_name, small_chunks,
+                                                               monkeypatch):
+    """A pause in the prefill sees the whole prompt (no chunks) and resumes to the bits of
+    the same run with its prefill in one forward."""
+    layer = _layer(model_name)
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        s.generate(PROMPTS[0], max_new_tokens=2)          # (makes the scheduler)
+        sched = _loaded(kernel, model_name).decode_scheduler
+        sched_before = sched.counters["prefill_chunks"]
+        s.breakpoint(layer=layer, phase="prefill")
+        ev = s.generate(LONG, max_new_tokens=N, return_logits=True, stop_at_eos=False)
+        assert isinstance(ev, dj.Paused) and ev.positions == len(s.tokenize(LONG))
+        paused = s.resume().result
+    assert sched.counters["prefill_chunks"] == sched_before
+    monkeypatch.setattr(scheduler, "PREFILL_CHUNK", 0)
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        _same(s.generate(LONG, max_new_tokens=N, return_logits=True, stop_at_eos=False).result, paused)
+
+
+def test_stats_counts_rows_steps_and_tokens(server, kernel, model_name):
+    first = _solo(server, model_name, PROMPTS[0], 0)
+    sched = _loaded(kernel, model_name).decode_scheduler
+    before = sched.stats()
+    assert set(before) >= {"rows_active", "rows_paused", "steps", "tokens"}
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        s.breakpoint(layer=0, steps=[3])
+        assert isinstance(s.generate(PROMPTS[1], max_new_tokens=N), dj.Paused)
+        mid = sched.stats()
+        assert mid["rows_paused"] - before["rows_paused"] == 1
+        assert s.resume().finished
+    after = sched.stats()
+    assert after["rows_paused"] == before["rows_paused"]
+    assert after["tokens"] - before["tokens"] == N - 1          # decode steps (not the prefill)
+    assert after["steps"] - before["steps"] == N - 1            # alone: one row a step
+    assert first.tokens
+
+
+def test_a_batch_call_checkpoint_is_refused_by_name(server, model_name):
+    """A checkpoint is one sequence: a batch call's session refuses it with a typed error
+    that says so, and the session stays usable (a single generation then checkpoints)."""
+    with dj.connect(server.address) as c:
+        s = c.session(model=model_name)
+        assert s.generate(PROMPTS[:3], max_new_tokens=4, stop_at_eos=False).finished
+        with pytest.raises(dj.CheckpointError, match="holds one sequence and this session's "
+                                                     r"generate\(\) made 3"):
+            s.checkpoint()
+        assert s.generate(PROMPTS[0], max_new_tokens=4, stop_at_eos=False).finished
+        assert s.checkpoint().wait()
