@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +41,7 @@ class Checkpoint:
     created: float = field(default_factory=time.time)
     copy: object = None  # BackgroundCopy while the copy may run (None: loaded from a file)
     dispatch_ms: float = 0.0
+    dispatch_parts: dict = field(default_factory=dict)   # ms per part of the dispatch (profiling)
     release: object = None     # gives a pinned-arena block back
     kv_nbytes: int = 0         # of nbytes, the keys and values
 
@@ -178,14 +181,21 @@ class BackgroundCopy:
             self.event.synchronize()
 
 
-def copy_to_host(slices: list, device: torch.device, arena: PinnedArena | None = None):
+def _no_stamp(_) -> None:
+    pass
+
+
+def copy_to_host(slices: list, device: torch.device, arena: PinnedArena | None = None,
+                 stamps: list | None = None, staging: "DeviceStaging | None" = None):
     """Start copying ``slices`` to host memory without waiting for anything. Returns
     (list of (keys, values) host pairs, BackgroundCopy, release function or None).
 
     CUDA: the keys and values are stacked into one device buffer by one kernel queued on
     the current stream (after the kernels that wrote the cache, before any that free it);
     a side stream copies that into one pinned host buffer (from the arena, else torch's
-    caching pinned allocator) while generation goes on. CPU: clones, in a thread."""
+    caching pinned allocator) while generation goes on; the device buffer is ``staging``
+    when it is free, else one from torch's allocator. CPU: clones, in a thread.
+    ``stamps``: a list that gets ``(part, perf_counter())`` after each part (profiling)."""
     if not slices:
         return [], None, None
     flat = [t for pair in slices for t in pair]
@@ -197,34 +207,129 @@ def copy_to_host(slices: list, device: torch.device, arena: PinnedArena | None =
                 hosts = [t.clone() for t in flat]
             out.extend(zip(hosts[0::2], hosts[1::2]))
         return out, BackgroundCopy(job=clone), None
+    stamp = stamps.append if stamps is not None else _no_stamp
+    shape = flat[0].shape
+    if all(t.shape == shape for t in flat):
+        staged = staging.take((len(flat), *shape), flat[0].dtype) \
+            if staging is not None and staging.device == flat[0].device else None
+        if staged is not None:
+            torch.stack(flat, out=staged)                # [2 * layers, batch, heads, pos, dim]
+        else:
+            staged = torch.stack(flat)     # (a cudaMalloc when torch's allocator has no block)
+        stamp(("stage", time.perf_counter()))
+        return _staged_to_host(staged, device, arena, stamp, staging)
+    # layers of different shapes
+    stream = side_stream(device)
+    _order_after_current(stream, device)
+    hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in flat]
+    with torch.cuda.stream(stream):
+        torch._foreach_copy_(hosts, flat, non_blocking=True)
+        for t in flat:
+            t.record_stream(stream)
+        event = torch.cuda.Event()
+        event.record(stream)
+    return list(zip(hosts[0::2], hosts[1::2])), BackgroundCopy(event=event), None
+
+
+def _staged_to_host(staged: torch.Tensor, device, arena, stamp, staging):
+    """Copy the contiguous ``staged`` (queued on the current stream) into pinned host memory
+    on the side stream; the arena's block when it fits. Returns copy_to_host's triple."""
     stream = side_stream(device)
     release = None
-    if all(t.shape == flat[0].shape for t in flat):
-        staged = torch.stack(flat)                           # [2 * layers, batch, heads, pos, dim]
-        nbytes = staged.numel() * staged.element_size()
-        block = arena.take(nbytes) if arena is not None else None
-        if block is not None:
-            raw, release = block
-            host = raw.view(staged.dtype).view(staged.shape)
-        else:
-            host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            host.copy_(staged, non_blocking=True)
+    nbytes = staged.numel() * staged.element_size()
+    block = arena.take(nbytes) if arena is not None else None
+    if block is not None:
+        raw, release = block
+        host = raw.view(staged.dtype).view(staged.shape)
+    else:
+        host = torch.empty(staged.shape, dtype=staged.dtype, pin_memory=True)
+    stamp(("host_block", time.perf_counter()))
+    _order_after_current(stream, device)
+    stamp(("order", time.perf_counter()))
+    mine = staging is not None and staging.holds(staged)
+    with torch.cuda.stream(stream):
+        host.copy_(staged, non_blocking=True)
+        if not mine:
             staged.record_stream(stream)      # freed by the allocator only after the copy
-            event = torch.cuda.Event()
-            event.record(stream)
-        hosts = list(host.unbind(0))
-    else:                                                    # layers of different shapes
-        stream.wait_stream(torch.cuda.current_stream(device))
-        hosts = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in flat]
-        with torch.cuda.stream(stream):
-            torch._foreach_copy_(hosts, flat, non_blocking=True)
-            for t in flat:
-                t.record_stream(stream)
-            event = torch.cuda.Event()
-            event.record(stream)
-    return list(zip(hosts[0::2], hosts[1::2])), BackgroundCopy(event=event), release
+        stamp(("copy_launch", time.perf_counter()))
+        event = torch.cuda.Event()
+        event.record(stream)
+    if mine:
+        staging.in_use_until(event)
+    stamp(("event", time.perf_counter()))
+    return StackedKV(host), BackgroundCopy(event=event), release   # views made when read
+
+
+_order_events: dict = {}
+
+
+def _order_after_current(stream, device) -> None:
+    """``stream`` waits (on the GPU) for what the current stream has queued so far: the
+    kernels that wrote the cache, and the stacking one. ``Stream.wait_stream`` does the same
+    with a new event each time; one event per device, recorded and waited on under the lock
+    (a later record does not move a wait already queued), is cheaper."""
+    current = torch.cuda.current_stream(device)
+    with _side_lock:
+        event = _order_events.get(device)
+        if event is None:
+            event = _order_events[device] = torch.cuda.Event()
+        event.record(current)
+        stream.wait_event(event)
+
+
+class StackedKV(Sequence):
+    """The host keys and values of a checkpoint held as one stacked tensor
+    ``[2 * layers, batch, heads, positions, head_dim]``; reads as a list of per-layer
+    ``(keys, values)`` views (made on access: a dispatch does not pay for 2 x layers tensor
+    objects it may never need)."""
+
+    def __init__(self, host: torch.Tensor):
+        self.host = host
+
+    def __len__(self) -> int:
+        return self.host.shape[0] // 2
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return self.host[2 * index], self.host[2 * index + 1]
+
+
+class DeviceStaging:
+    """A device buffer that a checkpoint's keys and values are stacked into before their
+    copy to the host, allocated once (``CheckpointStore.prepare``, sized as the pinned
+    pool): without it the stacked copy of a 2 GiB cache is a fresh 2 GiB block from torch's
+    caching allocator, whose cudaMalloc made the first checkpoint 0.3-0.5 ms slower than
+    the next ones (bench/results/checkpoint_cuda_llama-7b.json, ``dispatch``), and a later
+    one too whenever the block had gone to other tensors (a fast-decode slot, say). While
+    the copy of one checkpoint still reads it, the next stacks through the allocator."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        self.device = self.buffer.device          # (with its index: compared with the cache's)
+        self.nbytes = nbytes
+        self._reader = None           # the event of the copy that last read the buffer
+
+    def take(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor | None:
+        """A view of ``shape`` at the start of the buffer, or None (too small, or in use)."""
+        need = math.prod(shape) * dtype.itemsize
+        if need > self.nbytes or (self._reader is not None and not self._reader.query()):
+            return None
+        return self.buffer[:need].view(dtype).view(shape)
+
+    def holds(self, t: torch.Tensor) -> bool:
+        return t.data_ptr() == self.buffer.data_ptr()
+
+    def in_use_until(self, event) -> None:
+        self._reader = event
+
+    def wait(self) -> None:
+        if self._reader is not None:
+            self._reader.synchronize()
 
 
 def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
@@ -240,6 +345,8 @@ def cache_from_host(ck: Checkpoint, loaded: LoadedModel):
         copy.synchronize()               # (on CUDA the copy back is ordered after the event)
     if not ck.kv:
         return cache
+    # one device tensor per layer (one copy of a whole stack would keep it alive until every
+    # layer has moved on: twice the cache at the first eager step after the restore)
     flat = [t for pair in ck.kv for t in pair]
     if device.type == "cuda":
         if copy is not None and copy.event is not None:

@@ -677,13 +677,7 @@ class FastRun:
             self.stats["captures"] += 1
             return True
         except Exception as exc:  # never fail a generation for the fast path: decode eagerly
-            dec.stats["capture_failures"] += 1
-            dec.graphs_broken = f"{type(exc).__name__}: {exc}"
-            log.warning("CUDA graph capture failed for %s, decoding without graphs: %s: %s",
-                        self.run.loaded.name, type(exc).__name__, exc)
-            torch.cuda.synchronize(device)
-            slot.set_length(position)
-            return False
+            return self._capture_failed("CUDA graph", exc, (), position)
 
     def _capture_segments(self, position: int) -> bool:
         """Capture one decode step in per-layer segments into the slot (no rules inside;
@@ -719,18 +713,25 @@ class FastRun:
             self.stats["captures"] += 1
             return True
         except Exception as exc:  # never fail a generation for the fast path: decode eagerly
-            dec.stats["capture_failures"] += 1
-            dec.graphs_broken = f"{type(exc).__name__}: {exc}"
-            log.warning("segmented CUDA graph capture failed for %s, decoding without graphs: "
-                        "%s: %s", loaded.name, type(exc).__name__, exc)
-            for graph in capture.graphs:
-                try:
-                    graph.reset()
-                except Exception:   # (a graph whose capture never ended)
-                    pass
-            torch.cuda.synchronize(device)
-            slot.set_length(position)
-            return False
+            return self._capture_failed("segmented CUDA graph", exc, capture.graphs, position)
+
+    def _capture_failed(self, what: str, exc: Exception, graphs, position: int) -> bool:
+        """After a failed capture of ``what``: the model's decoder decodes without graphs
+        from now on (``graphs_broken`` says why), the ``graphs`` made so far are reset, the
+        device is waited for and the slot's length rewound to ``position``. False."""
+        dec, loaded = self.decoder, self.run.loaded
+        dec.stats["capture_failures"] += 1
+        dec.graphs_broken = f"{type(exc).__name__}: {exc}"
+        log.warning("%s capture failed for %s, decoding without graphs: %s: %s", what,
+                    loaded.name, type(exc).__name__, exc)
+        for graph in graphs:
+            try:
+                graph.reset()
+            except Exception:   # (a graph whose capture never ended)
+                pass
+        torch.cuda.synchronize(loaded.device)
+        self.slot.set_length(position)
+        return False
 
     def _promote(self) -> bool:
         """Move the run's DynamicCache into a free slot's static cache."""

@@ -44,6 +44,27 @@ def test_restore_continues_exactly(session, model):
         assert np.array_equal(again.result.logits, base.logits)
 
 
+def test_checkpoints_of_the_prepared_store_continue_exactly(kernel, session, model, request):
+    """The store as the server prepares it before "ready" (kernel_server/cli.py): on CUDA a
+    pinned pool for the model's whole context, a device staging buffer and a warm-up
+    dispatch (nothing on CPU). Checkpoints taken back to back while paused mid-run (CUDA: a
+    fast-decode slot, one stacked tensor; the second may stack through torch's allocator
+    while the first's copy still reads the staging buffer) each restore to the uninterrupted
+    run's tokens and logits."""
+    name = request.getfixturevalue("tiny_llama_path") if model == "tiny-llama" else model
+    kernel.checkpoints.prepare(kernel.model(name))
+    base = session.generate(PROMPT, max_new_tokens=N, return_logits=True, stop_at_eos=False).result
+    pause_at_step(session, MIDDLE[model], K)
+    first, second = session.checkpoint(), session.checkpoint()
+    assert session.resume().tokens == base.tokens
+    for ck in (first, second, first):
+        session.restore(ck)
+        session.clear_breakpoints()
+        again = session.resume()
+        assert again.tokens == base.tokens
+        assert np.array_equal(again.result.logits, base.logits)
+
+
 def test_fork_branches_are_independent(session, model):
     base = session.generate(PROMPT, max_new_tokens=N, return_logits=True, stop_at_eos=False).result
     pause_at_step(session, MIDDLE[model], K)

@@ -852,6 +852,40 @@ def test_a_bigger_free_slot_is_not_taken(monkeypatch, mode):
     assert no_busy_slots(loaded)
 
 
+@needs_cuda
+def test_a_failed_capture_decodes_without_graphs_and_the_same_numbers(monkeypatch):
+    """Both captures (a whole step; a step in per-layer segments) end in one failure path:
+    the model's decoder turns graphs off and says why, the slot's length is rewound, and the
+    run's tokens and logits are those of the run with graphs, paused or not."""
+    loaded = get_model("tiny-llama", "cuda")
+    layer, k = MIDDLE["tiny-llama"], 5
+    with fast_mode("graph"):
+        s = session(loaded)
+        base = generate(s)
+        s.set_breakpoint(layer=layer, steps=[k])
+        ev = s.generate(PROMPTS[0], max_new_tokens=N, return_logits=True, stop_at_eos=False)
+        assert ev["event"] == "paused"
+        assert_exact(finished(s.resume()), base)
+        s.clear_breakpoints()
+        for broken, want in ((torch.cuda, "CUDAGraph"), (fast_decode._SegmentCapture, "begin")):
+            with monkeypatch.context() as m:
+                m.setattr(loaded, "fast_decoder", None)        # a fresh decoder: nothing captured
+
+                def refuse(*args, **kwargs):
+                    raise RuntimeError("capture refused (simulated)")
+                m.setattr(broken, want, refuse)
+                s.set_breakpoint(layer=layer, steps=[k])
+                ev = s.generate(PROMPTS[0], max_new_tokens=N, return_logits=True, stop_at_eos=False)
+                assert ev["event"] == "paused" and ev["step"] == k
+                assert_exact(finished(s.resume()), base)
+                s.clear_breakpoints()
+                dec = loaded.fast_decoder
+                assert dec.graphs_broken == "RuntimeError: capture refused (simulated)"
+                assert dec.stats["capture_failures"] == 1
+                assert_exact(generate(s), base)                 # graphs stay off, same numbers
+                assert no_busy_slots(loaded)
+
+
 def test_out_of_memory_for_a_static_cache_decodes_eagerly(monkeypatch):
     from transformers.cache_utils import StaticLayer
     loaded = get_model("tiny-gpt2", DEVICE)
