@@ -352,11 +352,20 @@ class Session:
         return ids[0]
 
     # ---- checkpoints -----------------------------------------------------------------------
-    def checkpoint(self) -> "Checkpoint":
+    def checkpoint(self, row: Union[int, str, None] = None):
         """Snapshot the generation state now (at once; the copy runs in the background).
-        While paused mid-forward it captures the start of the current token."""
+        While paused mid-forward it captures the start of the current token.
+
+        A checkpoint holds one sequence. After a batch call (``generate([p1, ...])``,
+        paused or finished) ``row=b`` checkpoints row b: its own prompt and tokens, KV
+        cache, sampling RNG and the rules that act on it; restored or forked it continues
+        as the row would have. ``row="all"``: a list, one ``Checkpoint`` per row (all taken
+        or none). Without ``row`` a batch session's checkpoint is a ``CheckpointError``."""
         from .checkpoint import Checkpoint
-        return Checkpoint(self.client, self._request("checkpoint"))
+        out = self._request("checkpoint", row=row)
+        if isinstance(out, list):
+            return [Checkpoint(self.client, d) for d in out]
+        return Checkpoint(self.client, out)
 
     def restore(self, ck) -> None:
         """Rewind this session to ``ck``; it is then "ready": ``resume()`` continues."""

@@ -188,7 +188,8 @@ CALLS: dict[str, Call] = {c.name: c for c in [
     Call("tokenize", "session.tokenize", (SESSION, _p("text:str")), "token ids"),
     Call("decode", "session.decode", (SESSION, _p("tokens:list")), "text"),
     # ---- checkpoints -----------------------------------------------------------------------
-    Call("checkpoint", "server.checkpoint", (SESSION,), "checkpoint description"),
+    Call("checkpoint", "server.checkpoint", (SESSION, _p("row:any", None)),
+         "checkpoint description (row='all': a list, one per row of a batch call)"),
     Call("checkpoint_info", "server.checkpoint_info", (CHECKPOINT, _p("wait:bool", False)),
          "checkpoint description"),
     Call("checkpoints", "server.checkpoints", (), "this client's checkpoints"),

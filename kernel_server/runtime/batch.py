@@ -12,6 +12,16 @@ breakpoint set, the rows ride the engine instead: each row is prefilled alone (n
 padding: the bits of its solo prefill), then decodes as a row of the model's batched step
 beside every other session, with its own rules; so each row's tokens and logits are
 bit-identical to the same prompt generated alone on the engine.
+
+Sampling: row b draws from its own generator, seeded ``row_seed(seed, b)`` (the row's
+``result["seed"]``), so a sampled row is a solo run with that seed and owns its RNG state.
+
+Checkpoints: a checkpoint holds one sequence, so a batch call is checkpointed a row at a
+time (``row_checkpoint``): the row's unpadded prompt and tokens, records, logits, RNG state,
+the rules that act on it and its keys and values. On the engine those are the row's own
+run's cache (its solo bits: a restore continues bit for bit); off the engine, the row's
+positions cut out of the padded cache (computed beside padding: a restore continues as a
+solo run from those keys and values, equal to the padded row's continuation to rounding).
 """
 from __future__ import annotations
 
@@ -51,20 +61,50 @@ class BatchRun(GenerationRun):
     def boundary_state(self):
         from djinn_protocol.errors import CheckpointError
         # A checkpoint (and its file format) is one sequence: one token list, one KV cache,
-        # one RNG state, restored into one session. A batch call is N sequences behind one
-        # session (padded together off the engine, N lane rows on it), and a restore into
-        # one session could not say which row continues.
+        # one RNG state, restored into one session; a restore could not say which row goes on.
         raise CheckpointError(
-            f"checkpoints of batched generations are not supported: a checkpoint holds one "
-            f"sequence and this session's generate() made {self.rows}. Generate the row you "
-            "want to keep on its own and checkpoint it; with the decode engine on (--tenants "
-            "on), separate sessions decoding at once are rows of the same batched steps, and "
-            "each of them can be checkpointed")
+            f"a checkpoint holds one sequence and this session's generate() made {self.rows}: "
+            f"checkpoint one row with checkpoint(row=b) (b in 0..{self.rows - 1}), or every "
+            "row with checkpoint(row='all'), a list of one-sequence checkpoints")
+
+    def row_checkpoint(self, b: int, interventions: Interventions):
+        """Row ``b`` at the current token boundary as one sequence: (GenState, KV cache,
+        Interventions) for ``CheckpointStore.take``. The breakpoints (they act on every row)
+        and the rules that act on row ``b``, as a solo session would have them."""
+        from djinn_protocol.errors import CheckpointError
+        runs = getattr(self, "_runs", None)
+        if runs is None:
+            raise CheckpointError("this batch call has not started decoding; nothing to checkpoint")
+        n = len(self.row_tokens[b])              # the row's tokens so far (fewer once it ended)
+        run = runs[b]
+        rng = run.generator.get_state() if run.generator is not None else None
+        state = GenState(list(self.row_prompts[b]), self.row_prompts[b] + self.row_tokens[b], n,
+                         list(self.row_records[b][:n]), list(self.row_logits[b][:n]),
+                         run.config, run.seed, rng)
+        cache = run.cache if self._on_engine else self._row_cache(b, state.kv_length)
+        return state, cache, row_interventions(interventions, b)
+
+    def _row_cache(self, b: int, length: int):
+        """Row ``b``'s keys and values cut out of the padded cache: its ``length`` positions
+        after its padding (paused mid-forward, the positions of this token are left out)."""
+        from transformers import DynamicCache
+        if length == 0:
+            return None
+        pad = len(self._padded[b]) - len(self.row_prompts[b])
+        cache = DynamicCache(config=self.loaded.model.config)
+        for i, layer in enumerate(self.cache.layers):
+            keys = layer.keys[b:b + 1, :, pad:pad + length]
+            values = layer.values[b:b + 1, :, pad:pad + length]
+            cache.update(keys, values, i)      # (a copy: the row owns its tensors)
+        return cache
 
     def _decode_loop(self) -> None:
         sched = scheduler.scheduler_for(self.loaded)
-        if (sched is not None and self.step == 0 and not self.interventions.breakpoints
-                and self.step_target is None):
+        # one run per row: its generator and rules (on the engine, its cache and steps too)
+        self._runs = [self._row_run(b) for b in range(self.rows)]
+        self._on_engine = (sched is not None and self.step == 0
+                           and not self.interventions.breakpoints and self.step_target is None)
+        if self._on_engine:
             return self._decode_on_engine(sched)
         from transformers import DynamicCache
         loaded, cfg = self.loaded, self.config
@@ -85,7 +125,10 @@ class BatchRun(GenerationRun):
                 out = model(input_ids=next_input, attention_mask=mask, position_ids=positions,
                             use_cache=True, logits_to_keep=1, **{loaded.cache_kwarg: self.cache})
                 logits = out.logits[:, -1, :]
-                picked = torch.stack([self._pick(logits[b:b + 1]) for b in range(self.rows)])
+                # each row samples from its own generator; an ended row draws nothing
+                picked = torch.stack([logits[b].argmax() if self.row_done[b]
+                                      else self._runs[b]._pick(logits[b:b + 1])
+                                      for b in range(self.rows)])
                 top_p, top_i = torch.softmax(logits.float(), dim=-1).topk(cfg.record_top_k)
                 ids = picked.tolist()              # the one host sync of a step
             ms = (time.perf_counter() - t0) * 1e3
@@ -118,11 +161,10 @@ class BatchRun(GenerationRun):
 
     def _row_run(self, b: int) -> GenerationRun:
         """Row ``b`` as a run of its own (never started: this worker drives it): its prompt
-        unpadded and the rules that act on it, as a solo session would have them."""
-        rules = [replace(r, rows=None) for r in self.interventions.rules
-                 if r.rows is None or b in r.rows]
-        state = GenState.fresh(self.row_prompts[b], replace(self.config, seed=self.seed))
-        return GenerationRun(self.loaded, state, Interventions([], rules))
+        unpadded, its seed, and the rules that act on it, as a solo session would have them."""
+        state = GenState.fresh(self.row_prompts[b], replace(self.config, seed=row_seed(self.seed, b)))
+        return GenerationRun(self.loaded, state,
+                             Interventions([], row_interventions(self.interventions, b).rules))
 
     def _decode_on_engine(self, sched) -> None:
         """Every row prefilled alone, then decoded as rows of the model's batched step."""
@@ -130,7 +172,7 @@ class BatchRun(GenerationRun):
         loaded, cfg = self.loaded, self.config
         model, device = loaded.model, loaded.device
         eos = _eos_ids(loaded)
-        runs = [self._row_run(b) for b in range(self.rows)]
+        runs = self._runs
         members: dict = {}
         try:
             while self.step < cfg.max_new_tokens:
@@ -166,7 +208,7 @@ class BatchRun(GenerationRun):
                 ms = (time.perf_counter() - t0) * 1e3
                 for b in live:
                     row = logits[b]
-                    token = self._pick(row)
+                    token = runs[b]._pick(row)        # the row's own generator
                     top_p, top_i = torch.softmax(row.float(), dim=-1).topk(cfg.record_top_k)
                     token_id = int(token)
                     run = runs[b]
@@ -204,12 +246,26 @@ class BatchRun(GenerationRun):
             res = {"tokens": self.row_tokens[b], "prompt_tokens": self.row_prompts[b],
                    "text": self.loaded.tokenizer.decode(self.row_tokens[b]),
                    "steps": self.row_records[b], "stop_reason": self.row_stop[b] or self.stop_reason,
-                   "seed": self.seed, "model": self.loaded.name}
+                   "seed": row_seed(self.seed, b), "model": self.loaded.name}
             if self.config.return_logits:
                 res["logits"] = (np.stack(self.row_logits[b]) if self.row_logits[b]
                                  else np.zeros((0, self.loaded.vocab_size), dtype="float32"))
             rows.append(res)
         return {"batch": rows, "stop_reason": self.stop_reason}
+
+
+def row_seed(seed: int, b: int) -> int:
+    """The sampling seed of row ``b`` of a batch call seeded ``seed``: rows draw apart (the
+    same prompt twice samples two ways), and row b replays as a solo run with this seed."""
+    return (seed + b) % 2**63
+
+
+def row_interventions(interventions: Interventions, b: int) -> Interventions:
+    """What acts on row ``b`` of a batch call, as a solo session holds it: every breakpoint,
+    and the rules on every row or naming ``b`` (with the row filter dropped)."""
+    return Interventions(list(interventions.breakpoints),
+                         [replace(r, rows=None) for r in interventions.rules
+                          if r.rows is None or b in r.rows])
 
 
 def check_rules(interventions) -> None:

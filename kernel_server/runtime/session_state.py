@@ -200,12 +200,39 @@ class Session(OneShotPasses):
         return event
 
     # ---- checkpoints ------------------------------------------------------------------
-    def checkpoint(self, store: CheckpointStore) -> Checkpoint:
-        """Snapshot at the current token boundary (mid-forward: the start of this token)."""
+    def checkpoint(self, store: CheckpointStore, row=None):
+        """Snapshot at the current token boundary (mid-forward: the start of this token).
+        After a batch call (``generate([p1, ...])``) a checkpoint is of one row: ``row=b``
+        gives row b's checkpoint, ``row="all"`` a list with one per row (all or none: a
+        budget error takes none)."""
+        from kernel_server.runtime.batch import BatchRun
         with self._lock:
             self._require(PAUSED, FINISHED, READY)
-            return store.take(self.owner, self.loaded, self.run.boundary_state(), self.run.cache,
-                              self.interventions)
+            if row is None:
+                return store.take(self.owner, self.loaded, self.run.boundary_state(),
+                                  self.run.cache, self.interventions)
+            if not isinstance(self.run, BatchRun):
+                raise InvalidArgumentError(
+                    f"row={row!r:.40} picks a row of a batch call (generate([p1, ...])); this "
+                    "session's generation is one sequence: checkpoint() takes no row")
+            last = self.run.rows - 1
+            if row == "all":
+                rows = range(self.run.rows)
+            elif type(row) is int:
+                rows = [validation.integer(row, "row", 0, last)]
+            else:
+                raise InvalidArgumentError(f"row must be an int in 0..{last} or 'all', "
+                                           f"got {type(row).__name__}")
+            taken: list = []
+            try:
+                for b in rows:
+                    state, cache, interventions = self.run.row_checkpoint(b, self.interventions)
+                    taken.append(store.take(self.owner, self.loaded, state, cache, interventions))
+            except BaseException:
+                for ck in taken:
+                    store.delete(ck.id, self.owner)
+                raise
+            return taken if row == "all" else taken[0]
 
     def restore(self, ck: Checkpoint) -> dict:
         """Rewind to ``ck``: KV cache, tokens, step, RNG, rules and breakpoints."""

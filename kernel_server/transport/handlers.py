@@ -86,8 +86,9 @@ def close_session(conn: Connection, session):
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
-def checkpoint(conn: Connection, session):
-    return conn.session(session).checkpoint(conn.kernel.checkpoints).describe()
+def checkpoint(conn: Connection, session, row):
+    out = conn.session(session).checkpoint(conn.kernel.checkpoints, row)
+    return [ck.describe() for ck in out] if isinstance(out, list) else out.describe()
 
 
 def checkpoint_info(conn: Connection, checkpoint, wait):
