@@ -151,3 +151,14 @@ def test_cycle_trace_smoke(tmp_path):
     for a, b in [("c_call", "c_send"), ("s_recv", "s_parsed"), ("s_cmd", "w_wake"),
                  ("w_pause", "s_reply"), ("s_reply", "c_ready"), ("c_reply", "c_event")]:
         assert finite(segments[f"{a} -> {b}"]["median_us"])
+
+
+def test_batch_rows_check_runs():
+    """The GPU check of batch rows (bench/batch_rows_check.py) runs on CPU tiny-gpt2 and its
+    checks hold there: rows equal solo and row checkpoints continue, bit for bit."""
+    run = subprocess.run([sys.executable, "bench/batch_rows_check.py", "--tokens", "6", "--cut", "2"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["ok"] and out["interrupted_after"] == [2] * out["rows"]
+    assert len(out["rows_equal_solo_bitwise"]) == 8
