@@ -31,14 +31,30 @@ NEG = ["I hate this film", "What a sad day", "This is terrible news", "She frown
 CLEAN, CORRUPTED = "The Eiffel Tower is in the city of", "The Colosseum is in the city of"
 
 
-def timed(fn, reps):
-    """(result, median ms of ``reps`` calls) after one untimed call: the first call of a new
-    batch shape pays one-off costs (measured: a 16-prompt batch took 8.8 s once, then 1.4-1.7 s)."""
-    out, times = fn(), []
+#: every timed call's samples (ms) by label, written to the JSON next to the medians
+SAMPLES: dict = {}
+
+
+#: untimed calls before the timed ones, the same for every contestant (a fresh server
+#: thread's first 2-3 passes were measured 5-15x slower than later ones: 1.8, 1.8, 0.6, then 0.1 s)
+WARMUP = 3
+
+
+def timed(fn, reps, label=None):
+    """(result, median ms of ``reps`` calls) after ``WARMUP`` untimed calls, the same for
+    every contestant. (On a quiet machine no first call was slow: 16 prompts took 0.42 s on
+    the first call and 0.39-0.42 s after. The 8.8 s / 15.9 s of session 5 were CPU
+    oversubscription: with a load average of 5-7 on the 2 cores, two OpenMP threads per
+    process made one 9-token SmolLM2 forward take 0.6-6.5 s instead of ~0.03 s.)"""
+    for _ in range(WARMUP):
+        out = fn()
+    times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         out = fn()
         times.append((time.perf_counter() - t0) * 1e3)
+    if label:
+        SAMPLES[label] = [round(t, 3) for t in times]
     return out, statistics.median(times)
 
 
@@ -54,11 +70,11 @@ class HFPeer:
     def _hooks(self, fns: dict):
         return [self.layers[i].register_forward_hook(fn) for i, fn in fns.items()]
 
-    def _run(self, ids, fns: dict, mask=None, positions=None):
+    def _run(self, ids, fns: dict, mask=None, positions=None, **kwargs):
         handles = self._hooks(fns)
         try:
             return self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                              use_cache=False).logits
+                              use_cache=False, **kwargs).logits
         finally:
             for h in handles:
                 h.remove()
@@ -86,8 +102,11 @@ class HFPeer:
                                             for i in range(len(self.layers))})
         return acts
 
-    def sweep_batched(self, clean, corrupted, answer):
-        """Per layer, one forward whose row p has the clean activation set at position p."""
+    def sweep_batched(self, clean, corrupted, answer, last_logits_only=False):
+        """Per layer, one forward whose row p has the clean activation set at position p
+        (``last_logits_only``: the unembedding of the last position only, ``logits_to_keep=1``,
+        as a careful user would write it; a plain call unembeds every position)."""
+        keep = {"logits_to_keep": 1} if last_logits_only else {}
         torch = self.torch
         acts = self._clean_acts(clean)
         n = len(corrupted)
@@ -100,7 +119,7 @@ class HFPeer:
                 out[idx, idx] = acts[layer]
                 return out
             with torch.inference_mode():
-                logits = self._run(rows, {layer: patch})[:, -1].float()
+                logits = self._run(rows, {layer: patch}, **keep)[:, -1].float()
             grid[layer] = (logits[:, answer[0]] - logits[:, answer[1]]).numpy()
         return grid
 
@@ -149,7 +168,7 @@ def run(args) -> dict:
     from kernel_server.kernel import Kernel
     from kernel_server.transport.server import KernelServer
     from bench.common import command_line, environment
-    torch.set_num_threads(2)
+    torch.set_num_threads(2)       # (this thread's; the server's threads take the default, 2 here)
     kernel = Kernel(args.model, device="cpu")
     srv = KernelServer(kernel, "127.0.0.1", 0).start()
     c = dj.connect(srv.address)
@@ -157,17 +176,17 @@ def run(args) -> dict:
     hf = HFPeer(kernel.models.get(s.model))
     layer = min(6, s.layers - 1)
     res: dict = {"benchmark": "analysis", "command": command_line(), "model": args.model,
-                 "dtype": "float32", "device": "cpu", "threads": 2, "reps": args.reps,
+                 "dtype": "float32", "device": "cpu", "threads": 2, "reps": args.reps, "warmup": WARMUP,
                  "env": environment("cpu"), "load_average_before": list(os.getloadavg())}
     rows = []
     # ---- steering vector from 8 + 8 prompts --------------------------------------------------
-    v_batch, ms_batch = timed(lambda: s.steering_vector(POS, NEG, layer), args.reps)
+    v_batch, ms_batch = timed(lambda: s.steering_vector(POS, NEG, layer), args.reps, "sv djinn")
 
     def one_per_prompt():
         act = lambda ps: np.mean([s.cache(p, layers=layer, reduce="last")["resid", layer] for p in ps], 0)  # noqa: E731
         return act(POS) - act(NEG)
-    v_one, ms_one = timed(one_per_prompt, args.reps)
-    v_hf, ms_hf = timed(lambda: hf.steering_vector(POS, NEG, layer), args.reps)
+    v_one, ms_one = timed(one_per_prompt, args.reps, "sv djinn unbatched")
+    v_hf, ms_hf = timed(lambda: hf.steering_vector(POS, NEG, layer), args.reps, "sv hf")
     row = {"task": "steering vector, 8 + 8 prompts", "djinn_ms": ms_batch, "djinn_unbatched_ms": ms_one,
            "hf_ms": ms_hf, "max_abs_diff": {"djinn_unbatched": float(np.abs(v_batch - v_one).max()),
                                              "hf": float(np.abs(v_batch - v_hf).max())}}
@@ -187,9 +206,28 @@ def run(args) -> dict:
                             saved.append(lm.model.layers[layer].output[:, -1].save())
                 acts = torch.stack([t.reshape(-1) for t in saved]).float()
                 return (acts[:8].mean(0) - acts[8:].mean(0)).numpy()
-            v_nn, ms_nn = timed(nn_vector, args.reps)
+            v_nn, ms_nn = timed(nn_vector, args.reps, "sv nnsight")
             row["nnsight_ms"] = ms_nn
             row["max_abs_diff"]["nnsight"] = float(np.abs(v_nn - v_batch).max())
+
+            def nn_vector_stop():
+                """The same trace ended after the block read (nnsight's ``tracer.stop()``),
+                as djinn_nb's pass ends there."""
+                saved = []
+                with lm.trace() as tracer:
+                    for i, p in enumerate(POS + NEG):
+                        with tracer.invoke(p):
+                            saved.append(lm.model.layers[layer].output[:, -1].save())
+                            if i == len(POS + NEG) - 1:
+                                tracer.stop()
+                acts = torch.stack([t.reshape(-1) for t in saved]).float()
+                return (acts[:8].mean(0) - acts[8:].mean(0)).numpy()
+            try:
+                v_st, ms_st = timed(nn_vector_stop, args.reps, "sv nnsight stop")
+                row["nnsight_stop_ms"] = ms_st
+                row["max_abs_diff"]["nnsight_stop"] = float(np.abs(v_st - v_batch).max())
+            except Exception as e:                             # noqa: BLE001 (reported, not hidden)
+                row["nnsight_stop"] = f"not measured: {type(e).__name__}: {str(e)[:200]}"
         except Exception as e:                                 # noqa: BLE001 (reported, not hidden)
             row["nnsight"] = f"not measured: {type(e).__name__}: {str(e)[:200]}"
     rows.append(row)
@@ -198,8 +236,10 @@ def run(args) -> dict:
     ids_c, ids_b = s.tokenize(CLEAN), s.tokenize(CORRUPTED)
     answer = [s.tokenize(" Paris")[0], s.tokenize(" Rome")[0]]
     assert len(ids_c) == len(ids_b), (len(ids_c), len(ids_b))
-    grid, ms_sweep = timed(lambda: s.patch(ids_c, ids_b, answer, progress=False, batch=64), args.reps)
-    hf_grid, ms_hf_sweep = timed(lambda: hf.sweep_batched(ids_c, ids_b, answer), args.reps)
+    grid, ms_sweep = timed(lambda: s.patch(ids_c, ids_b, answer, progress=False, batch=64), args.reps, "sweep djinn")
+    hf_grid, ms_hf_sweep = timed(lambda: hf.sweep_batched(ids_c, ids_b, answer), args.reps, "sweep hf batched")
+    hf_grid1, ms_hf_sweep1 = timed(lambda: hf.sweep_batched(ids_c, ids_b, answer, True), args.reps,
+                                   "sweep hf batched, last logits only")
     old_layers = list(range(min(args.old_layers, s.layers)))
     t0 = time.perf_counter()
     acts = s.cache(ids_c, layers=old_layers)
@@ -216,24 +256,26 @@ def run(args) -> dict:
     hf_cell_ms = (time.perf_counter() - t0) * 1e3 / old.size
     row = {"task": f"exact patching sweep, {s.layers} x {len(ids_b)} cells", "djinn_ms": ms_sweep,
            "djinn_unbatched_ms": djinn_cell_ms * cells, "hf_ms": ms_hf_sweep,
+           "hf_last_logits_ms": ms_hf_sweep1,
            "hf_unbatched_ms": hf_cell_ms * cells,
            "unbatched_extrapolated_from_layers": len(old_layers),
            "max_abs_diff": {"djinn_unbatched": float(np.abs(grid.metric[:len(old_layers)] - old).max()),
                             "hf": float(np.abs(grid.metric - hf_grid).max()),
+                            "hf_last_logits": float(np.abs(grid.metric - hf_grid1).max()),
                             "hf_unbatched": float(np.abs(grid.metric[:len(old_layers)] - hf_old).max())}}
     rows.append(row)
     print(row, flush=True)
     # ---- attribution patching and one gradient pass ------------------------------------------
-    est, ms_attr = timed(lambda: s.attribution_patch(ids_c, ids_b, answer), args.reps)
-    hf_est, ms_hf_attr = timed(lambda: hf.attribution(ids_c, ids_b, answer), args.reps)
+    est, ms_attr = timed(lambda: s.attribution_patch(ids_c, ids_b, answer), args.reps, "attribution djinn")
+    hf_est, ms_hf_attr = timed(lambda: hf.attribution(ids_c, ids_b, answer), args.reps, "attribution hf")
     row = {"task": f"attribution patching, {s.layers} x {len(ids_b)} cells", "djinn_ms": ms_attr,
            "hf_ms": ms_hf_attr,
            "max_abs_diff": {"hf": float(np.abs((est.metric - est.corrupted) - hf_est).max())},
            "corr_with_exact": float(np.corrcoef(est.metric.ravel(), grid.metric.ravel())[0, 1])}
     rows.append(row)
     print(row, flush=True)
-    g, ms_grad = timed(lambda: s.grad(ids_c, answer=answer), args.reps)
-    hf_g, ms_hf_grad = timed(lambda: hf.grad(ids_c, answer), args.reps)
+    g, ms_grad = timed(lambda: s.grad(ids_c, answer=answer), args.reps, "grad djinn")
+    hf_g, ms_hf_grad = timed(lambda: hf.grad(ids_c, answer), args.reps, "grad hf")
     row = {"task": f"gradient pass, resid of all {s.layers} layers, {len(ids_c)} tokens",
            "djinn_ms": ms_grad, "hf_ms": ms_hf_grad,
            "max_abs_diff": {"hf": float(max(np.abs(g["resid", i] - hf_g[i][1].float().numpy()).max()
@@ -241,6 +283,8 @@ def run(args) -> dict:
     rows.append(row)
     print(row, flush=True)
     res["rows"] = rows
+    res["samples_ms"] = dict(SAMPLES)
+    res["torch_threads"] = torch.get_num_threads()
     res["load_average_after"] = list(os.getloadavg())
     c.close()
     srv.close()
@@ -254,13 +298,15 @@ def plot(d: dict, name: str, out_dir: Path) -> Path:
     series = [("djinn_ms", "djinn_nb (server, batched)", "C0"),
               ("djinn_unbatched_ms", "djinn_nb, one pass per prompt / cell", "C9"),
               ("hf_ms", "HF hooks in-process, batched", "C1"),
+              ("hf_last_logits_ms", "HF hooks in-process, batched, logits_to_keep=1", "C5"),
               ("hf_unbatched_ms", "HF hooks, one forward per cell", "C3"),
-              ("nnsight_ms", "nnsight 0.8 batched trace", "C2")]
-    width = 0.16
+              ("nnsight_ms", "nnsight 0.8 batched trace", "C2"),
+              ("nnsight_stop_ms", "nnsight 0.8 batched trace, tracer.stop() after the block", "C4")]
+    width = 0.12
     x = np.arange(len(d["rows"]))
     for k, (key, label, color) in enumerate(series):
         vals = [r.get(key, np.nan) for r in d["rows"]]
-        ax.bar(x + (k - 2) * width, vals, width, label=label, color=color)
+        ax.bar(x + (k - 3) * width, vals, width, label=label, color=color)
     ax.set_xticks(x, [r["task"] for r in d["rows"]], fontsize=8)
     ax.set_yscale("log")
     ax.set_ylabel("ms (median), log scale")
@@ -268,6 +314,28 @@ def plot(d: dict, name: str, out_dir: Path) -> Path:
     fig.suptitle(f"{d['model']} {d['dtype']}, CPU {d['threads']} threads ({d['command']}); "
                  f"load average {d['load_average_before'][0]:.1f}", fontsize=9)
     return save_plot(fig, name, out_dir)
+
+
+def off_main_thread(fn, *args):
+    """``fn(*args)`` in a new thread. The server runs djinn_nb's passes in its own threads; the
+    peers run here, so every contestant computes off the main thread: on this shared 2-core
+    machine (load average ~3) the main thread's OpenMP team was measured 1.5-2x slower than a
+    new thread's for the same [256, 576] x [576, 1536] matmul (20.6 vs 9.7 ms; 6.8 ms with one
+    thread), which would favour whoever is not on the main thread."""
+    import threading
+    box: dict = {}
+
+    def target():
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:          # noqa: BLE001 (re-raised in the caller)
+            box["error"] = e
+    t = threading.Thread(target=target, name="bench")
+    t.start()
+    t.join()
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 def main(argv=None) -> int:
@@ -281,7 +349,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.reps, args.old_layers = "tiny-gpt2", 1, 1
-    res = run(args)
+    res = off_main_thread(run, args)
     out_dir = smoke_dir() if args.smoke else RESULTS
     print("wrote", write_result("analysis_cpu", res, out_dir), plot(res, "analysis_cpu", out_dir))
     return 0

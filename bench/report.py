@@ -66,6 +66,14 @@ def checkpoint_table(d: dict) -> str:
             f"{_f(r['restore_vs_pinned_h2d'])} | {_f(r['prefill_ms'], 1)} | "
             f"{_f(r['restore_continue_ms'], 1)} | {_f(r['recompute_prefix_ms'], 1)} | "
             f"{_f(r['restore_continue_speedup'], 1)}x |")
+    for run in d.get("dispatch", {}).get("runs", []):        # --dispatch (checkpoint_bench.py)
+        if run["profiled"]:
+            continue
+        cases = "; ".join(
+            f"{case.replace('_', ' ')}: first {_f(run[case]['first']['dispatch_ms'], 3)} ms, later "
+            f"{_f(run[case]['later_median_dispatch_ms'], 3)} (max {_f(run[case]['later_max_dispatch_ms'], 3)})"
+            for case in ("finished_run", "paused_in_slot"))
+        lines += ["", f"Dispatch at {run['context']} positions, fresh process, {run['variant']}: {cases}."]
     return "\n".join(lines)
 
 
@@ -153,16 +161,19 @@ def analysis_table(d: dict) -> str:
     lines = [_heading(d, f"{d['model']} {d['dtype']}, median of {d['reps']}"
                          + (f", machine load average {load:.1f} at the start" if load is not None else "")),
              "", "| task | djinn_nb ms | djinn_nb one pass per prompt / cell ms | HF hooks in-process, "
-             "batched ms | HF hooks, one forward per cell ms | nnsight batched trace ms | "
+             "batched ms | HF hooks, batched, `logits_to_keep=1` ms | HF hooks, one forward per cell ms | "
+             "nnsight batched trace ms | nnsight trace + `tracer.stop()` ms | "
              "fastest peer / djinn_nb (> 1: djinn_nb faster) | max abs diff vs djinn_nb |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in d["rows"]:
-        peers = [r[k] for k in ("hf_ms", "hf_unbatched_ms", "nnsight_ms") if k in r]
+        peers = [r[k] for k in ("hf_ms", "hf_last_logits_ms", "hf_unbatched_ms", "nnsight_ms",
+                                "nnsight_stop_ms") if k in r]
         cell = lambda k: _f(r[k], 0) if k in r else "-"  # noqa: E731
         diffs = ", ".join(f"{k} {v:.1e}" for k, v in r["max_abs_diff"].items())
         extra = f" (r = {r['corr_with_exact']:.3f} with the exact grid)" if "corr_with_exact" in r else ""
         lines.append(f"| {r['task']}{extra} | {cell('djinn_ms')} | {cell('djinn_unbatched_ms')} | "
-                     f"{cell('hf_ms')} | {cell('hf_unbatched_ms')} | {cell('nnsight_ms')} | "
+                     f"{cell('hf_ms')} | {cell('hf_last_logits_ms')} | {cell('hf_unbatched_ms')} | {cell('nnsight_ms')} | "
+                     f"{cell('nnsight_stop_ms')} | "
                      f"{min(peers) / r['djinn_ms']:.2f}x | {diffs} |")
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
 """One-shot forward passes on the server: teacher-forced scoring, steering vectors,
-activation caches, the logit lens, activation patching and gradients.
+activation caches, the logit lens, gradients and attribution patching (the exact patching
+sweep is kernel_server.model.patching).
 
 A pass dispatches through the same per-layer hooks as a generation (its ``ForwardPass``
 is the hook target of the model's hook registry, kernel_server.runtime.hooks, for the pass), so
@@ -70,6 +71,12 @@ def batches(lengths: list, cost=None, budget: int = BATCH_TOKENS) -> list:
     return out
 
 
+class PassDone(Exception):
+    """Raised by a ``ForwardPass``'s hook once the last block it needs has run (``stop_after``):
+    the blocks after it, the final norm and the unembedding are not computed. ``run_batch``
+    catches it (and returns no logits)."""
+
+
 class ForwardPass:
     """The hook target (kernel_server.runtime.hooks.HookTarget) of one forward pass over
     whole sequences (one, or a left-padded batch with ``pads``), in place of a ``GenerationRun``.
@@ -79,9 +86,11 @@ class ForwardPass:
     covers positions ``[0, prompt_len)``, decode step k covers position ``prompt_len + k - 1``
     (a batch row's positions counted from its first real token). ``capture`` names the
     (layer, site) pairs whose (edited) tensor is kept in ``captured[key][row]``, reduced
-    over the row's positions by ``reduce`` (None, "last", "mean", "norm")."""
+    over the row's positions by ``reduce`` (None, "last", "mean", "norm"). ``stop_after``: the
+    pass ends after that block's output (nothing later is computed, no logits)."""
 
-    def __init__(self, rules=(), prompt_len=1, capture=(), reduce=None, loaded=None, pads=(0,)):
+    def __init__(self, rules=(), prompt_len=1, capture=(), reduce=None, loaded=None, pads=(0,),
+                 stop_after=None):
         self.rules = list(rules)
         self.pads = list(pads)
         self.prompt_lens = (list(prompt_len) if isinstance(prompt_len, (list, tuple))
@@ -91,10 +100,18 @@ class ForwardPass:
         self.loaded = loaded
         self.captured: dict[tuple, list] = {}
         keys = {(r.layer, r.site) for r in self.rules} | self.capture
-        self.hot_layers = frozenset(layer for layer, _ in keys)
+        self.stop_after = stop_after
+        self.hot_layers = frozenset(layer for layer, _ in keys) | (
+            frozenset() if stop_after is None else {stop_after})
         self.hot_sites = frozenset(k for k in keys if k[1] != "resid")
 
     def on_site(self, layer: int, site: str, hidden: torch.Tensor):
+        new = self._on_site(layer, site, hidden)
+        if site == "resid" and layer == self.stop_after:
+            raise PassDone
+        return new
+
+    def _on_site(self, layer: int, site: str, hidden: torch.Tensor):
         rules = [r for r in self.rules
                  if r.layer == layer and r.site == site and (r.rows is None or 0 in r.rows)]
         new = hidden
@@ -158,7 +175,8 @@ def run_batch(loaded: LoadedModel, prompts: list, fp, logits_to_keep: int = 1,
     """One forward pass over ``prompts`` (token id lists; several are left-padded into one
     batch) with the hook target ``fp`` dispatched by the layer hooks (a ``ForwardPass`` gets
     the batch's ``pads``); the logits of the last ``logits_to_keep`` padded positions,
-    float32 [rows, positions, vocab]. ``lock=False``: the caller holds the compute lock.
+    float32 [rows, positions, vocab] (None when ``fp`` ended the pass early, ``stop_after``).
+    ``lock=False``: the caller holds the compute lock.
     ``grad``: run with autograd on (the caller takes gradients), else in inference mode."""
     width = max(len(p) for p in prompts)
     loaded.check_context(width, f"a pass over {width} tokens")
@@ -173,8 +191,11 @@ def run_batch(loaded: LoadedModel, prompts: list, fp, logits_to_keep: int = 1,
         fp.pads = pads
     mode = torch.enable_grad() if grad else torch.inference_mode()
     with mode, (loaded.compute_lock if lock else contextlib.nullcontext()):
-        with loaded.hooks.active(fp):
-            out = loaded.model(use_cache=False, logits_to_keep=logits_to_keep, **kwargs)
+        try:
+            with loaded.hooks.active(fp):
+                out = loaded.model(use_cache=False, logits_to_keep=logits_to_keep, **kwargs)
+        except PassDone:
+            return None
         return out.logits.float()
 
 
@@ -243,7 +264,7 @@ def layer_outputs(loaded: LoadedModel, prompts: list, layer: int, reduce: str) -
     "mean"): float32 [prompts, hidden], in padded batches."""
     out = [None] * len(prompts)
     for idx in batches([len(p) for p in prompts]):
-        fp = ForwardPass(capture=[(layer, "resid")], reduce=reduce, loaded=loaded)
+        fp = ForwardPass(capture=[(layer, "resid")], reduce=reduce, loaded=loaded, stop_after=layer)
         run_batch(loaded, [prompts[i] for i in idx], fp)
         for i, t in zip(idx, fp.captured[(layer, "resid")]):
             out[i] = t.float()
@@ -279,8 +300,12 @@ def cache_many(loaded: LoadedModel, prompts: list, keys: list, reduce, rules=())
 
 def _cache_batch(loaded: LoadedModel, prompts: list, keys: list, reduce, rules) -> list:
     patterns = sorted(layer for layer, site in keys if site == "attn_pattern")
+    # nothing after the last block read is computed (a module site outside the blocks,
+    # layer -1, may be the final norm: then the whole model runs)
+    last = None if any(layer < 0 for layer, _ in keys) else max(layer for layer, _ in keys)
     fp = ForwardPass(rules, prompt_len=[len(p) for p in prompts],
-                     capture=[k for k in keys if k[1] != "attn_pattern"], reduce=reduce, loaded=loaded)
+                     capture=[k for k in keys if k[1] != "attn_pattern"], reduce=reduce, loaded=loaded,
+                     stop_after=last)
     got, handles = {}, []
     for layer in patterns:
         module = sites.resolve(loaded, layer, "attn_pattern").module
@@ -370,73 +395,6 @@ def lens_many(loaded: LoadedModel, prompts: list, layers: list[int], k: int,
                 d["model_top_id"] = int(model_probs.argmax())
             out[i] = d
     return out
-
-
-class PatchRows:
-    """The hook target of a batch of patching cells: row b is the corrupted prompt with the
-    clean run's activation at (``cells[b]`` = (layer, position)) of ``site`` set in (only
-    head ``head`` of it for site "heads"), the same values a one-cell "set" rule writes."""
-
-    def __init__(self, site: str, cells: list, clean: dict, head=None, head_dim: int = 0):
-        self.site, self.cells, self.clean, self.head, self.head_dim = site, cells, clean, head, head_dim
-        layers = {layer for layer, _ in cells}
-        self.hot_layers = frozenset(layers) if site == "resid" else frozenset()
-        self.hot_sites = frozenset() if site == "resid" else frozenset((l, site) for l in layers)
-
-    def on_site(self, layer: int, site: str, hidden: torch.Tensor):
-        rows = [b for b, (l, _) in enumerate(self.cells) if l == layer]
-        if not rows or site != self.site:
-            return None
-        new = hidden.clone()
-        for b in rows:
-            p = self.cells[b][1]
-            src = self.clean[layer][p].reshape(-1)
-            if self.head is None:
-                new[b, p] = src
-            else:
-                sl = slice(self.head * self.head_dim, (self.head + 1) * self.head_dim)
-                new[b, p, sl] = src[sl]
-        return new
-
-
-def patch_cells(loaded: LoadedModel, clean: list[int], corrupted: list[int], site: str,
-                layers: list[int], positions: list[int], answer: tuple[int, int], head=None,
-                rows: int = 64) -> dict:
-    """Activation patching of every (layer, position) cell at ``site``, the cells run as the
-    rows of batched forwards of the corrupted prompt (``rows`` cells, at most, per forward);
-    the metric is the logit difference ``logit[answer[0]] - logit[answer[1]]`` at the last
-    position. Also the clean and corrupted metrics (no patch). ``metric[i][j]`` is the cell
-    (``layers[i]``, ``positions[j]``)."""
-    def metric(logits):                  # [rows, 1, vocab] -> [rows]
-        return (logits[:, -1, answer[0]] - logits[:, -1, answer[1]]).tolist()
-
-    fp = ForwardPass(capture=[(layer, site) for layer in layers], loaded=loaded)
-    clean_metric = metric(run_batch(loaded, [clean], fp))[0]
-    acts = {layer: fp.captured[(layer, site)][0] for layer in layers}   # [n, width]
-    corrupted_metric = metric(run_batch(loaded, [corrupted], ForwardPass()))[0]
-    head_dim = sites.head_geometry(loaded)[1] if head is not None else 0
-    cells = [(layer, p) for layer in layers for p in positions]
-    rows = max(1, min(rows, BATCH_TOKENS // len(corrupted)))
-    values = []
-    for i in range(0, len(cells), rows):
-        chunk = cells[i:i + rows]
-        target = PatchRows(site, chunk, acts, head, head_dim)
-        values += metric(run_batch(loaded, [corrupted] * len(chunk), target))
-    n = len(positions)
-    return {"layers": list(layers), "site": site, "positions": list(positions),
-            "metric": [values[i * n:(i + 1) * n] for i in range(len(layers))],
-            "clean": clean_metric, "corrupted": corrupted_metric}
-
-
-def patch_row(loaded: LoadedModel, clean: list[int], corrupted: list[int], layer: int, site: str,
-              positions: list[int], answer: tuple[int, int], head=None) -> dict:
-    """Activation patching at (``layer``, ``site``): for each position p, run ``corrupted``
-    with the clean run's activation set at p (all positions as the rows of one batch); the
-    metric is the logit difference at the last position. Also the clean and corrupted
-    metrics (no patch)."""
-    out = patch_cells(loaded, clean, corrupted, site, [layer], positions, answer, head)
-    return {"layer": layer, "site": site, "positions": list(positions), "metric": out["metric"][0],
-            "clean": out["clean"], "corrupted": out["corrupted"]}
 
 
 # ---- gradients -----------------------------------------------------------------------

@@ -150,20 +150,20 @@ class OneShotPasses:
 
     def patch(self, clean, corrupted, layer, answer, positions=None, site="resid", head=None) -> dict:
         """Activation patching of one layer, its positions as the rows of one batch (see
-        analysis.patch_row)."""
-        from kernel_server.model import passes as analysis
+        kernel_server.model.patching.patch_row)."""
+        from kernel_server.model import patching
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
             clean_ids, bad_ids, name, layers, positions, answer, head = self._patch_args(
                 clean, corrupted, layer, answer, positions, site, head)
-            return analysis.patch_row(self.loaded, clean_ids, bad_ids, layers[0], name,
+            return patching.patch_row(self.loaded, clean_ids, bad_ids, layers[0], name,
                                       positions, answer, head)
 
     def patch_sweep(self, clean, corrupted, answer, layers=None, positions=None, site="resid",
                     head=None, batch=64) -> dict:
         """Activation patching of every layer x position cell in one call, ``batch`` cells
-        as the rows of one forward (see analysis.patch_cells)."""
-        from kernel_server.model import passes as analysis
+        as the rows of one forward (see kernel_server.model.patching)."""
+        from kernel_server.model import patching
         with self._lock:
             self._require(IDLE, PAUSED, FINISHED, READY)
             clean_ids, bad_ids, name, layers, positions, answer, head = self._patch_args(
@@ -171,7 +171,7 @@ class OneShotPasses:
             if len(layers) * len(positions) > 4096:
                 raise LimitExceededError(f"{len(layers) * len(positions)} patching cells in one call "
                                          "is over the limit of 4096: split the layers")
-            return analysis.patch_cells(self.loaded, clean_ids, bad_ids, name, layers, positions,
+            return patching.patch_cells(self.loaded, clean_ids, bad_ids, name, layers, positions,
                                         answer, head, validation.integer(batch, "batch", 1, 256))
 
     def attribution_patch(self, clean, corrupted, answer, layers=None, site="resid") -> dict:

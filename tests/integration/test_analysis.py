@@ -215,5 +215,134 @@ def test_transformer_lens_hook_names_are_sites(client):
     s.stop()
     assert s.to_str_tokens("Hello world") == ["Hello", " world"]
     with pytest.raises(dj.InvalidArgumentError):
-        s.cache("x", sites=["blocks.1.hook_attn_in"])
+        s.cache("x", sites=["blocks.1.attn.hook_result"])     # (no honest equivalent: refused)
+    s.close()
+
+
+# ---- the incremental exact sweep (kernel_server.model.patching) ---------------------------
+SWEEP_PROMPTS = {"smollm2-135m": ("The Eiffel Tower is in the city of", "The Colosseum is in the city of",
+                                  " Paris", " Rome")}
+
+
+def _sweep_setup(session, kernel):
+    """(loaded model, clean ids, corrupted ids, answer) of the model's patching example."""
+    loaded = kernel.models.get(session.model)
+    clean, bad, a, b = SWEEP_PROMPTS.get(session.model, ("The cat sat on the mat", "The dog sat on the mat",
+                                                        None, None))
+    answer = [5, 7] if a is None else [session.tokenize(a)[0], session.tokenize(b)[0]]
+    return loaded, session.tokenize(clean), session.tokenize(bad), answer
+
+
+def _reference_grid(loaded, clean, bad, site, layers, answer, head):
+    """The grid as every cell a row of a whole-prompt forward (``rows_sweep``)."""
+    from kernel_server.model import patching
+    from kernel_server.model.passes import ForwardPass, run_batch
+    fp = ForwardPass(capture=[(layer, site) for layer in layers], loaded=loaded)
+    run_batch(loaded, [clean], fp)
+    acts = {layer: fp.captured[(layer, site)][0] for layer in layers}
+    values, corrupted = patching.rows_sweep(loaded, bad, site, layers, list(range(len(bad))), answer,
+                                            acts, head, 64)
+    return np.array(values).reshape(len(layers), len(bad)), corrupted
+
+
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama",
+                                   pytest.param("smollm2-135m", marks=pytest.mark.smollm2)], indirect=True)
+@pytest.mark.parametrize("site, head", [("resid", None), ("attn", None), ("mlp", None), ("heads", 1)])
+def test_incremental_sweep_equals_one_pass_per_cell(session, kernel, site, head):
+    """The sweep runs each cell from its layer and position on (the corrupted prefix's keys
+    and values reused): every cell equals the whole-prompt pass with that one patch, to
+    1e-4 (measured ~1e-7 on the tiny models, ~1e-5 on SmolLM2), for every site."""
+    if session.model == "smollm2-135m" and site in ("attn", "heads"):
+        pytest.skip("SmolLM2 runs resid and mlp only (the 30 x 9 reference takes minutes per site on CPU)")
+    from kernel_server.model import patching
+    loaded, clean, bad, answer = _sweep_setup(session, kernel)
+    grid = session.patch(clean, bad, answer, site=site, head=head, progress=False)
+    layers = list(range(session.layers))
+    ref, ref_corrupted = _reference_grid(loaded, clean, bad, site, layers, answer, head)
+    np.testing.assert_allclose(grid.metric, ref, atol=1e-4, rtol=0)
+    assert grid.corrupted == pytest.approx(ref_corrupted, abs=1e-4)
+    assert np.ptp(ref) > 1e-3                 # the grid is not flat: patches change the metric
+    # one pass per cell, through the server's score path, for two layers' cells
+    acts = session.cache(clean, sites=[site])
+    for layer in (1, session.layers - 2):
+        for j, p in enumerate(grid.positions):
+            vec = acts[site, layer][p]
+            rule = {"layer": layer, "site": site, "positions": [p],
+                    "set": (vec[head] if head is not None else vec).ravel().tolist()}
+            if head is not None:
+                rule["head"] = head
+            sc = session.score(bad + [answer[0]], start=len(bad), steering=[rule], compare=False,
+                               return_logits=True)
+            assert grid.metric[layer, j] == pytest.approx(sc.logits[-1][answer[0]] - sc.logits[-1][answer[1]],
+                                                          abs=1e-4)
+    # it ran incrementally (no fall-back to whole-prompt rows)
+    out = patching.patch_cells(loaded, clean, bad, site, [0, 2], [0, len(bad) - 1],
+                                  tuple(answer), head)
+    assert out["method"] == "incremental"
+
+
+def test_sweep_cells_before_the_first_different_token_are_the_corrupted_run(client, kernel):
+    """Position 0 holds the same token in both prompts: its activations are equal at every
+    layer, so its cells are the corrupted metric (not computed, and equal to one pass)."""
+    s = client.session(model="tiny-gpt2")
+    clean, bad = s.tokenize("The cat sat on the mat"), s.tokenize("The dog sat on the mat")
+    assert clean[0] == bad[0] and clean[1] != bad[1]
+    grid = s.patch(clean, bad, [5, 7], progress=False)
+    np.testing.assert_array_equal(grid.metric[:, 0], np.full(s.layers, grid.corrupted))
+    ref, _ = _reference_grid(kernel.models.get(s.model), clean, bad, "resid", list(range(s.layers)), [5, 7], None)
+    np.testing.assert_allclose(grid.metric[:, 0], ref[:, 0], atol=1e-5)
+    s.close()
+
+
+@pytest.mark.parametrize("how", ["blocks_not_callable", "self_check_fails"])
+def test_sweep_falls_back_to_whole_prompt_rows(client, kernel, monkeypatch, how):
+    """Where a model's blocks cannot be driven one by one, or the unpatched row does not give
+    the corrupted metric, the sweep runs every cell as a whole-prompt row: same grid,
+    ``method`` "rows"."""
+    from kernel_server.model import patching
+    s = client.session(model="tiny-gpt2")
+    loaded = kernel.models.get(s.model)
+    clean, bad = s.tokenize("The cat sat on the mat"), s.tokenize("The dog sat on the mat")
+    want = patching.patch_cells(loaded, clean, bad, "resid", [0, 1, 2, 3], list(range(len(bad))), (5, 7))
+    assert want["method"] == "incremental"
+    if how == "blocks_not_callable":
+        def refuse(*a, **k):
+            raise patching._Unsupported("test")
+        monkeypatch.setattr(patching, "_block_calls", refuse)
+    else:
+        monkeypatch.setattr(patching, "SELF_CHECK_TOL", -1.0)
+    got = patching.patch_cells(loaded, clean, bad, "resid", [0, 1, 2, 3], list(range(len(bad))), (5, 7))
+    assert got["method"] == "rows"
+    np.testing.assert_allclose(got["metric"], want["metric"], atol=1e-5)
+    # the model's blocks are whole again: a generation is unchanged
+    assert all("forward" not in vars(block) for block in loaded.layers)
+    grid = s.patch(clean, bad, [5, 7], progress=False)
+    np.testing.assert_allclose(grid.metric[:4], np.array(want["metric"]), atol=1e-5)
+    s.close()
+
+
+def test_passes_that_read_early_blocks_stop_there(client, kernel):
+    """A steering vector or cache of block 1 computes no later block (stop_after), and its
+    numbers equal those of a whole forward."""
+    import torch
+    from kernel_server.model.passes import ForwardPass, run_batch
+    s = client.session(model="tiny-gpt2")
+    loaded = kernel.models.get(s.model)
+    calls = []
+    handle = loaded.layers[2].register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        v = s.steering_vector(BATCH[:2], BATCH[2:], layer=1)
+        c = s.cache(BATCH[0], sites=["resid", "mlp"], layers=[0, 1])
+        assert calls == []
+        s.cache(BATCH[0], layers=[3])
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    fp = ForwardPass(capture=[(1, "resid")], loaded=loaded)
+    for prompt in BATCH[:1]:
+        run_batch(loaded, [s.tokenize(prompt)], fp)
+        np.testing.assert_array_equal(c["resid", 1], fp.captured[(1, "resid")][0].float().numpy())
+    acts = lambda ps: np.mean([s.cache(p, layers=1, reduce="last")["resid", 1] for p in ps], 0)  # noqa: E731
+    np.testing.assert_allclose(v, acts(BATCH[:2]) - acts(BATCH[2:]), atol=1e-5)
+    assert torch.is_tensor(fp.captured[(1, "resid")][0])
     s.close()
