@@ -168,6 +168,18 @@ def test_batched_steering_vector_equals_one_prompt_means(client):
     s.close()
 
 
+def _one_cell_metric(s, acts, ids, site, head, layer, p, answer) -> float:
+    """One patching cell by the server's score path: the corrupted ``ids`` with a one-position
+    "set" rule of the clean activation ``acts[site, layer][p]``; logit[a0] - logit[a1]."""
+    vec = acts[site, layer][p]
+    rule = {"layer": layer, "site": site, "positions": [p],
+            "set": (vec[head] if head is not None else vec).ravel().tolist()}
+    if head is not None:
+        rule["head"] = head
+    sc = s.score(ids + [answer[0]], start=len(ids), steering=[rule], compare=False, return_logits=True)
+    return sc.logits[-1][answer[0]] - sc.logits[-1][answer[1]]
+
+
 @pytest.mark.parametrize("site, head", [("resid", None), ("attn", None), ("mlp", None), ("heads", 1)])
 def test_patching_sweep_as_batch_rows_equals_one_pass_per_cell(client, site, head):
     """The sweep's cells run as batch rows (several layers per forward); each equals a
@@ -180,17 +192,10 @@ def test_patching_sweep_as_batch_rows_equals_one_pass_per_cell(client, site, hea
     assert grid.metric.shape == (s.layers, len(s.tokenize(bad)))
     acts = s.cache(clean, sites=[site])
     ids = s.tokenize(bad)
-    for i, layer in [(1, 1), (4, 4)]:             # two layers' cells, one pass each
+    for layer in (1, 4):                          # two layers' cells, one pass each
         for j, p in enumerate(grid.positions):
-            vec = acts[site, layer][p]
-            rule = {"layer": layer, "site": site, "positions": [p],
-                    "set": (vec[head] if head is not None else vec).ravel().tolist()}
-            if head is not None:
-                rule["head"] = head
-            sc = s.score(ids + [answer[0]], start=len(ids), steering=[rule], compare=False,
-                         return_logits=True)
-            want = sc.logits[-1][answer[0]] - sc.logits[-1][answer[1]]
-            assert grid.metric[i, j] == pytest.approx(want, abs=1e-5)
+            want = _one_cell_metric(s, acts, ids, site, head, layer, p, answer)
+            assert grid.metric[layer, j] == pytest.approx(want, abs=1e-5)
     one = s.patch(clean, bad, answer, site=site, head=head, progress=False, batch=1)
     np.testing.assert_allclose(one.metric, grid.metric, atol=1e-5)
     s.close()
@@ -266,15 +271,8 @@ def test_incremental_sweep_equals_one_pass_per_cell(session, kernel, site, head)
     acts = session.cache(clean, sites=[site])
     for layer in (1, session.layers - 2):
         for j, p in enumerate(grid.positions):
-            vec = acts[site, layer][p]
-            rule = {"layer": layer, "site": site, "positions": [p],
-                    "set": (vec[head] if head is not None else vec).ravel().tolist()}
-            if head is not None:
-                rule["head"] = head
-            sc = session.score(bad + [answer[0]], start=len(bad), steering=[rule], compare=False,
-                               return_logits=True)
-            assert grid.metric[layer, j] == pytest.approx(sc.logits[-1][answer[0]] - sc.logits[-1][answer[1]],
-                                                          abs=1e-4)
+            want = _one_cell_metric(session, acts, bad, site, head, layer, p, answer)
+            assert grid.metric[layer, j] == pytest.approx(want, abs=1e-4)
     # it ran incrementally (no fall-back to whole-prompt rows)
     out = patching.patch_cells(loaded, clean, bad, site, [0, 2], [0, len(bad) - 1],
                                   tuple(answer), head)
