@@ -5,7 +5,10 @@ loaded once, no connection in the way.
   the rest padding; and all 8 rows in use) against the 1-row fast-decode graph replay of the
   same rule (each replayed back to back, then one sync: pure device time per step);
 - kernels: the CUDA kernels of one *eager* step of each shape (torch.profiler), summed by
-  name: which kernels the 8-row step adds or makes slower;
+  name: which kernels the 8-row step adds or makes slower (and the lane's step with its
+  norms by PyTorch's ops instead of the fused kernel of kernel_server/model/lane_kernels.py);
+- engine vs off: the same greedy run with the engine off and on, tokens and logits compared
+  (not claimed equal: another shape of step);
 - the decode loop: generation runs driven in this process, engine on and off, the same
   prompt and rule; per-step interval (between consecutive samplings), and on the engine the
   per-step hand-offs measured by timestamps when every step goes through the loop thread
@@ -34,13 +37,13 @@ from common import command_line, environment, load_local, sync, write_result, RE
 PROMPT = "The capital of France is"
 
 
-def _run(loaded, mode: str, tokens: int, layer: int):
+def _run(loaded, mode: str, tokens: int, layer: int, logits: bool = False):
     from kernel_server.model.interventions import EditOp, Interventions, SteeringRule
     from kernel_server.runtime import scheduler
     from kernel_server.runtime.generation import GenerationConfig, GenerationRun, GenState
     scheduler.set_mode(mode)
     ids = loaded.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    cfg = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False)
+    cfg = GenerationConfig(max_new_tokens=tokens, stop_at_eos=False, return_logits=logits)
     rules = [SteeringRule(layer, EditOp("scale", scale=0.9), id=1)]
     run = GenerationRun(loaded, GenState.fresh(ids, cfg), Interventions([], rules))
     picks: list = []
@@ -139,17 +142,46 @@ def _device_side(loaded, sched, args, out: dict) -> None:
     def lane_step():
         lane.forward(lane.inputs, eight.buffers.proxy)
     k1, k8 = _kernels(fast_step, 5), _kernels(lane_step, 5)
+    from kernel_server.model import lane_kernels
+    lane_kernels.FUSED = False            # the lane's norms by PyTorch's ops, for comparison
+    try:
+        k8_torch_norm = _kernels(lane_step, 5)
+    finally:
+        lane_kernels.FUSED = True
     names = set(k1["by_name_us"]) | set(k8["by_name_us"])
     diff = sorted(((k8["by_name_us"].get(n, 0.0) - k1["by_name_us"].get(n, 0.0), n) for n in names),
                   reverse=True)
     out["eager_kernels"] = {
         "fast_1row": {"total_us": k1["total_us"], "kernels_per_step": k1["kernels_per_step"]},
         "lane_8rows": {"total_us": k8["total_us"], "kernels_per_step": k8["kernels_per_step"]},
+        "lane_8rows_pytorch_norm": {"total_us": k8_torch_norm["total_us"],
+                                    "kernels_per_step": k8_torch_norm["kernels_per_step"]},
         "largest_differences_us": [{"kernel": n[:160], "lane_minus_fast_us": d,
                                     "fast_us": k1["by_name_us"].get(n, 0.0),
                                     "lane_us": k8["by_name_us"].get(n, 0.0)}
                                    for d, n in diff[:12] + diff[-6:]]}
     print("kernels", json.dumps(out["eager_kernels"], indent=1), flush=True)
+
+
+def _engine_vs_off(loaded, args, out: dict) -> None:
+    """The same run (prompt, rule, greedy) engine off and on: tokens equal up to which step,
+    and the largest logit difference up to the first differing token (the contexts differ
+    after it). Not claimed bit-equal: the lane's step is another shape (8-row matmuls, the
+    fused norm); the engine's claim is solo == beside others."""
+    import numpy as np
+    off, _ = _run(loaded, "off", args.tokens, args.layer, logits=True)
+    on, _ = _run(loaded, "on", args.tokens, args.layer, logits=True)
+    a, b = off.tokens, on.tokens
+    first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    la, lb = np.stack(off.logits).astype(np.float64), np.stack(on.logits).astype(np.float64)
+    prompt = len(a) - len(la)
+    upto = len(la) if first is None else max(1, first - prompt + 1)
+    out["engine_vs_off"] = {"new_tokens": len(la), "tokens_equal": a == b,
+                            "first_differing_new_token": None if first is None else first - prompt,
+                            "logits_bit_equal": bool(np.array_equal(la, lb)),
+                            "max_abs_logit_diff_until_first_difference": float(np.abs(la[:upto] - lb[:upto]).max()),
+                            "first_step_max_abs_logit_diff": float(np.abs(la[0] - lb[0]).max())}
+    print("engine vs off", out["engine_vs_off"], flush=True)
 
 
 def _prefill(loaded, args, out: dict) -> None:
@@ -326,6 +358,7 @@ def main(argv=None) -> int:
     # (the hand-off back to the worker overlaps the device's step: not on the critical path)
     print("loop", out["loop_ms_per_step"], out["engine_handoffs_ms"], flush=True)
 
+    _engine_vs_off(loaded, args, out)
     # ---- the graphs alone -------------------------------------------------------------
     if cuda:
         _device_side(loaded, sched, args, out)

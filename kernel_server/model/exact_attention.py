@@ -18,7 +18,8 @@ wrapper is process-wide because transformers' attention registry is. A call with
 query position on a CUDA device takes one of two deterministic kernels:
 
 - ``triton`` (the default where Triton imports): a split-KV ("flash-decoding") kernel of
-  our own, ``_split_kernel`` + ``_combine_kernel``. Each program owns one (batch row,
+  our own, ``split_kernel`` + ``combine_kernel`` (kernel_server/model/triton_kernels.py,
+  imported on first use). Each program owns one (batch row,
   key/value head, split); block j of ``block_n`` positions belongs to split
   ``j % KV_SPLITS``, whatever the cache's length. A block with no attended position (the
   padded tail of a static cache: the mask says so on the device, so one CUDA graph serves
@@ -29,7 +30,13 @@ query position on a CUDA device takes one of two deterministic kernels:
   shape only), so: the same inputs give the same bits every time; a row's numbers depend
   on its own extent, queries, keys and values only - not on the batch size or the other
   rows (batch-invariant), and not on the cache's padded length (a 1024- or 8192-position
-  static cache and the DynamicCache of eager decode give the same bits).
+  static cache and the DynamicCache of eager decode give the same bits). Inside
+  ``rows_apart(first, last)`` (the engine's lane steps) a call of that many rows reads each
+  row's attended range from those device tensors instead of the mask: a program walks
+  only the blocks of its row's range (the same blocks in the same order as the mask path,
+  so the same bits: tested, CPU interpreter and H200) and serves several splits in turn,
+  one program per block of the lane, so a padding row (the scratch column only) costs
+  next to nothing.
 - ``math``: ``aten::_scaled_dot_product_attention_math`` in float32 over the whole cache
   (a matmul, a softmax and a matmul: deterministic, but it pays for the padded bucket).
   The fallback when Triton is missing or a call has a shape the fused kernel does not
@@ -67,16 +74,24 @@ _rows = threading.local()       # .apart: inside rows_apart() in this thread
 
 
 @contextlib.contextmanager
-def rows_apart():
+def rows_apart(first: torch.Tensor | None = None, last: torch.Tensor | None = None):
     """In this thread, inside the block: single-query attention with several batch rows on
     a device without the deterministic kernel (CPU) runs one row at a time, so a row's
-    numbers do not depend on its slot in the batch (the engine's lane steps)."""
-    before = getattr(_rows, "apart", False)
+    numbers do not depend on its slot in the batch (the engine's lane steps).
+
+    ``first``, ``last``: [rows] integer device tensors, the positions each row attends to
+    (``first`` to ``last`` inclusive; the engine's ``Lane.inputs`` rows 3 and 2). Given, a
+    single-query call of that many rows on the fused kernel reads them instead of its
+    mask (``fused_single_query_attention(ranges=...)``): each program walks only the
+    blocks of its row's range, so padding rows cost next to nothing. The lane's mask says
+    the same positions, so a row's bits are those of the mask path."""
+    before = (getattr(_rows, "apart", False), getattr(_rows, "ranges", None))
     _rows.apart = True
+    _rows.ranges = None if first is None else (first, last)
     try:
         yield
     finally:
-        _rows.apart = before
+        _rows.apart, _rows.ranges = before
 
 
 def _row_by_row(module, query, key, value, attention_mask, **kwargs):
@@ -181,105 +196,27 @@ def fused_supports(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     return True
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
-    """The two Triton kernels, defined on first use (importing this module needs no Triton)."""
-    import triton
-    import triton.language as tl
+    """The split and combine kernels (kernel_server/model/triton_kernels.py, imported on
+    first use: importing this module needs no Triton)."""
+    from kernel_server.model import triton_kernels
+    return triton_kernels.split_kernel, triton_kernels.combine_kernel
 
-    # One compiled binary serves every call of a head shape: the mask is a runtime flag and
-    # the integers that change from call to call are not specialised on, so eager decode
-    # (a DynamicCache, no mask) and the static cache (a mask) run the very same code.
-    @triton.jit(do_not_specialize=["n_pos", "has_mask", "sm_b", "sm_n"])
-    def _split_kernel(Q, K, V, Mask, Opart, Mpart, Lpart,
-                      sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_n,
-                      n_pos, has_mask, kv_heads, scale,
-                      GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                      D_PAD: tl.constexpr, SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
-        bh = tl.program_id(0)                  # batch row * kv_heads + key/value head
-        split = tl.program_id(1)
-        b = bh // kv_heads
-        kvh = bh % kv_heads
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D_PAD)
-        d_ok = d < D
-        k_base = K + b * sk_b + kvh * sk_h
-        v_base = V + b * sv_b + kvh * sv_h
-        q_ptr = Q + b * sq_b + (kvh * GROUPS + g)[:, None] * sq_h + d[None, :]
-        q = tl.load(q_ptr, mask=(g < GROUPS)[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
-        if G_PAD == 1:
-            q1 = tl.sum(q, axis=0)                                        # [D_PAD]
-        m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([G_PAD], tl.float32)
-        acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-        # block j of the cache goes to split j % SPLITS, in increasing j: the partition does
-        # not depend on the cache's length, and blocks with no attended position are skipped
-        # (never read); a masked lane reads 0 and scores -inf wherever it lies
-        for j in range(split, tl.cdiv(n_pos, BLOCK_N), SPLITS):
-            n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-            attend = n < n_pos
-            if has_mask != 0:
-                mv = tl.load(Mask + b * sm_b + n * sm_n, mask=attend, other=0)
-                attend = attend & (mv != 0)
-            if tl.max(attend.to(tl.int32), axis=0) > 0:
-                kv_ok = attend[:, None] & d_ok[None, :]
-                k = tl.load(k_base + n[:, None] * sk_n + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
-                v = tl.load(v_base + n[:, None] * sv_n + d[None, :], mask=kv_ok, other=0.0).to(tl.float32)
-                if G_PAD == 1:
-                    s = tl.sum(k * q1[None, :], axis=1) * scale                     # [BLOCK_N]
-                    s = tl.where(attend, s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, axis=0))                      # [1]
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m_i - m_safe)
-                    p = tl.exp(s - tl.sum(m_safe, axis=0))
-                    l_i = l_i * alpha + tl.sum(p, axis=0)
-                    acc = acc * alpha[:, None] + tl.sum(p[:, None] * v, axis=0)[None, :]
-                else:
-                    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale   # [G_PAD, BLOCK_N]
-                    s = tl.where(attend[None, :], s, float("-inf"))
-                    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                    alpha = tl.exp(m_i - m_safe)
-                    p = tl.exp(s - m_safe[:, None])
-                    l_i = l_i * alpha + tl.sum(p, axis=1)
-                    acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
-                m_i = m_new
-        part = bh * SPLITS + split
-        tl.store(Opart + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], acc)
-        tl.store(Mpart + part * G_PAD + g, m_i)
-        tl.store(Lpart + part * G_PAD + g, l_i)
 
-    @triton.jit
-    def _combine_kernel(Opart, Mpart, Lpart, Out, so_b, so_h, kv_heads,
-                        GROUPS: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                        D_PAD: tl.constexpr, SPLITS: tl.constexpr):
-        bh = tl.program_id(0)
-        b = bh // kv_heads
-        kvh = bh % kv_heads
-        s = tl.arange(0, SPLITS)
-        g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D_PAD)
-        rows = (bh * SPLITS + s)[:, None] * G_PAD + g[None, :]                # [SPLITS, G_PAD]
-        m = tl.load(Mpart + rows)
-        l = tl.load(Lpart + rows)
-        m_max = tl.max(m, axis=0)
-        m_safe = tl.where(m_max == float("-inf"), 0.0, m_max)
-        w = tl.exp(m - m_safe[None, :])                                       # empty split: 0
-        denom = tl.sum(w * l, axis=0)
-        o = tl.load(Opart + rows[:, :, None] * D_PAD + d[None, None, :])     # [SPLITS, G_PAD, D_PAD]
-        out = tl.sum(w[:, :, None] * o, axis=0) / denom[:, None]
-        ok = (g < GROUPS)[:, None] & (d < D)[None, :]
-        tl.store(Out + b * so_b + (kvh * GROUPS + g)[:, None] * so_h + d[None, :],
-                 out.to(Out.dtype.element_ty), mask=ok)
-
-    return _split_kernel, _combine_kernel
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def fused_single_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
+                                 mask: torch.Tensor | None, scale: float | None,
+                                 ranges: tuple | None = None) -> torch.Tensor:
     """Attention of one query position by the split-KV Triton kernel (shapes as
     ``single_query_attention``; ``fused_supports`` must hold). Deterministic and
-    batch-invariant; reads each row's keys and values up to its extent only."""
+    batch-invariant; reads each row's keys and values up to its extent only.
+
+    ``ranges``: (first, last), [batch] integer tensors on the device: row b attends to
+    positions first[b]..last[b] (inclusive), ``mask`` is not read. A row then gets the bits
+    of the mask path with the mask of that range (same blocks, same order, same code)."""
     split_kernel, combine_kernel = _kernels()
     b, heads, _, dim = query.shape
     kv_heads, n_pos = key.shape[1], key.shape[2]
@@ -293,18 +230,32 @@ def fused_single_query_attention(query: torch.Tensor, key: torch.Tensor, value: 
     mpart = torch.empty(parts, **f32)
     lpart = torch.empty(parts, **f32)
     out = torch.empty((b, 1, heads, dim), dtype=query.dtype, device=query.device)
-    if mask is not None:
-        rows = mask.expand(b, 1, 1, n_pos)[:, 0, 0, :].view(torch.uint8)
-        mask_args = (rows, rows.stride(0), rows.stride(1), 1)
+    if ranges is not None:
+        first, last = ranges
+        if first.shape != (b,) or last.shape != (b,):
+            raise ValueError(f"ranges must be two [{b}] tensors; got {tuple(first.shape)}, "
+                             f"{tuple(last.shape)}")
+        mask_args = (query, 0, 0, 0)        # never read (RANGED)
+        range_args = (first, last, first.stride(0), last.stride(0))
+        # a program per (row, head) and block of the lane, up to SPLITS: splits beyond the
+        # lane's blocks are empty and cost one store each in a program that exists anyway
+        grid_splits = min(cfg["SPLITS"], -(-n_pos // cfg["BLOCK_N"]))
     else:
-        mask_args = (query, 0, 0, 0)        # never read (has_mask 0)
-    split_kernel[(b * kv_heads, cfg["SPLITS"])](
-        query, key, value, mask_args[0], opart, mpart, lpart,
+        if mask is not None:
+            rows = mask.expand(b, 1, 1, n_pos)[:, 0, 0, :].view(torch.uint8)
+            mask_args = (rows, rows.stride(0), rows.stride(1), 1)
+        else:
+            mask_args = (query, 0, 0, 0)        # never read (has_mask 0)
+        range_args = (query, query, 0, 0)       # never read (not RANGED)
+        grid_splits = cfg["SPLITS"]
+    split_kernel[(b * kv_heads, grid_splits)](
+        query, key, value, mask_args[0], range_args[0], range_args[1], opart, mpart, lpart,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),
         value.stride(0), value.stride(1), value.stride(2), mask_args[1], mask_args[2],
-        n_pos, mask_args[3], kv_heads, float(scale),
+        range_args[2], range_args[3], n_pos, mask_args[3], kv_heads, float(scale), grid_splits,
         GROUPS=groups, G_PAD=cfg["G_PAD"], D=dim, D_PAD=cfg["D_PAD"], SPLITS=cfg["SPLITS"],
-        BLOCK_N=cfg["BLOCK_N"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_N=cfg["BLOCK_N"], RANGED=ranges is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     combine_kernel[(b * kv_heads,)](
         opart, mpart, lpart, out, out.stride(0), out.stride(2), kv_heads,
         GROUPS=groups, G_PAD=cfg["G_PAD"], D=dim, D_PAD=cfg["D_PAD"], SPLITS=cfg["SPLITS"],
@@ -315,16 +266,22 @@ def fused_single_query_attention(query: torch.Tensor, key: torch.Tensor, value: 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
     """Single-query attention by the process's deterministic kernel (``kernel()``): the
-    fused one where it takes the call, else the float32 math kernel."""
-    if (kernel() == "triton" and query.device.type != "cpu" or _interpreted()) \
-            and fused_supports(query, key, value, mask):
-        return fused_single_query_attention(query, key, value, mask, scale)
+    fused one where it takes the call, else the float32 math kernel. Inside
+    ``rows_apart(first, last)`` a call of as many rows as the ranges on the fused kernel
+    reads the ranges instead of ``mask`` (which must say the same positions)."""
+    if kernel() == "triton" and query.device.type != "cpu" or _interpreted():
+        ranges = getattr(_rows, "ranges", None)
+        if (ranges is not None and ranges[0].shape[0] == query.shape[0]
+                and fused_supports(query, key, value, None)):
+            return fused_single_query_attention(query, key, value, None, scale, ranges=ranges)
+        if fused_supports(query, key, value, mask):
+            return fused_single_query_attention(query, key, value, mask, scale)
     return single_query_attention(query, key, value, mask, scale)
 
 
 def _interpreted() -> bool:
     # TRITON_INTERPRET=1 runs the Triton kernels on CPU tensors (tests without a GPU)
-    return os.environ.get("TRITON_INTERPRET") == "1" and kernel() == "triton"
+    return _interpret() and kernel() == "triton"
 
 
 def _exact_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None,

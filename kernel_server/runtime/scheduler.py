@@ -9,11 +9,14 @@ are). Each row keeps its own positions from 0 (its own write position, its own p
 ids, its own mask), so a row's numbers never depend on which row it sits in, who else is
 in the lane or when they joined or left: no kernel sees another shape, and no reduction
 sees the row's values at another offset (on CUDA the decode attention is the split-KV
-kernel of kernel_server/model/exact_attention.py, batch-invariant and reading each row's
-extent only; on CPU the lane's attention runs row by row, ``exact_attention.rows_apart``).
-What this costs a solo session is measured in bench/tenants_bench.py end to end and broken
-down by bench/tenants_profile.py (H200, random Llama-7B bf16: the 8-row lane graph replays
-in 1.11x the time of the 1-row fast-decode graph; that shape is the price of exactness).
+kernel of kernel_server/model/exact_attention.py, batch-invariant; inside a lane step it
+reads each row's attended range from the step's inputs and walks only that range's blocks,
+so padding rows cost next to nothing; the norms of Llama-like models run as one per-row
+Triton kernel, kernel_server/model/lane_kernels.py; on CPU the lane's attention runs row by
+row, ``exact_attention.rows_apart``). What the fixed shape costs a solo session is measured
+in bench/tenants_bench.py end to end and broken down by bench/tenants_profile.py (H200,
+random Llama-7B bf16: the 8-row lane graph replays in 0.92x the time of the 1-row
+fast-decode graph, 6.24 vs 6.76 ms: the fused norms more than pay for the 8 rows).
 
 Who runs where:
 - the prefill of a joining session runs eagerly in its own worker (the ordinary
@@ -53,7 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernel_server.model import exact_attention
+from kernel_server.model import exact_attention, lane_kernels
 from kernel_server.runtime.lane_rules import (ProgramBuffers, build_program, covers,
                                               expression_capturable, row_sequences)
 
@@ -178,6 +181,7 @@ class Lane:
         self.rows = rows
         self.max_len = max_len
         self.scratch = max_len          # the column padding rows write and attend to
+        lane_kernels.install(loaded.model)      # (once per model: the norms of lane steps)
         width = max_len + 1
         self.keys, self.values = [], []
         for k, v in like:         # (keys, values) [1, heads, n, dim] of a joining run
@@ -252,7 +256,11 @@ class Lane:
             mask = torch.zeros(mask.shape, dtype=loaded.dtype, device=mask.device).masked_fill(
                 ~mask, torch.finfo(loaded.dtype).min)
         cache = _StepCache(self, write)
-        with loaded.hooks.active(target), exact_attention.rows_apart():
+        # each row's attended range (first..write) to the fused attention, which then walks
+        # only that range's blocks (the mask says the same positions; the paths without the
+        # fused kernel read the mask); the lane's norms by the per-row fused kernel
+        with loaded.hooks.active(target), exact_attention.rows_apart(first, write), \
+                lane_kernels.fused_norms():
             out = loaded.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                use_cache=True, logits_to_keep=1, **{loaded.cache_kwarg: cache})
         return out.logits[:, -1, :]

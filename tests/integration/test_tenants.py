@@ -13,7 +13,8 @@ batched steps are CUDA graph replays (``counters["graph_steps"]``).
 "Solo" means the same engine with nobody else in the lane: every engine step runs in one
 fixed shape (the scheduler's ROWS rows, padding included), so a solo run is the reference.
 Against the engine off (a DynamicCache per run) the numbers agree to rounding only (the
-attention spans the lane's positions, masked): that is tested to a tolerance here.
+attention spans the lane's positions, masked; on CUDA the lane's norms are the fused kernel
+of kernel_server/model/lane_kernels.py): that is tested to a tolerance here.
 Run on a GPU: DJINN_TEST_DEVICE=cuda pytest tests/integration/test_tenants.py
 """
 from __future__ import annotations
@@ -287,6 +288,22 @@ def test_engine_agrees_with_per_run_decode_to_rounding(server, model_name):
     plain = _solo(server, model_name, PROMPTS[0], 1)
     assert engine.tokens == plain.tokens
     assert np.abs(engine.logits - plain.logits).max() < 1e-3
+
+
+def test_a_lane_fuses_llama_norms_only_and_runs_off_the_engine_keep_their_bits(server, kernel,
+                                                                              model_name):
+    from kernel_server.model import lane_kernels
+    scheduler.set_mode("off")
+    before = _solo(server, model_name, PROMPTS[1], 2)
+    scheduler.set_mode("on")
+    _solo(server, model_name, PROMPTS[1], 2)
+    loaded = _loaded(kernel, model_name)
+    # a lane wrapped the model's RMSNorms (LlamaRMSNorm's math: two per block and the final
+    # one), none of GPT-2's LayerNorms; they fuse inside lane steps on CUDA only
+    llama = model_name != "tiny-gpt2"
+    assert lane_kernels.installed(loaded.model) == (2 * loaded.num_layers + 1 if llama else 0)
+    scheduler.set_mode("off")
+    _same(_solo(server, model_name, PROMPTS[1], 2), before)    # (if wrapped only now: the same)
 
 
 def test_bad_mode_is_refused():
