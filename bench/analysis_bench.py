@@ -8,7 +8,8 @@ per prompt / per cell), and nnsight 0.8's batched trace for the steering vector.
 numbers are checked against djinn_nb's (max abs difference in the JSON). JSON + PNG in
 bench/results/ (``analysis_cpu``), the table in docs/performance.md (``python bench/report.py``).
 
-    python bench/analysis_bench.py [--reps 3] [--old-layers 3] [--smoke]   (or python -m bench.analysis_bench)
+    python bench/analysis_bench.py [--reps 3] [--old-layers 3] [--smoke] [--only sweep]
+    (or python -m bench.analysis_bench; ``--only`` runs one row and writes outside bench/results)
 """
 from __future__ import annotations
 
@@ -179,7 +180,22 @@ def run(args) -> dict:
                  "dtype": "float32", "device": "cpu", "threads": 2, "reps": args.reps, "warmup": WARMUP,
                  "env": environment("cpu"), "load_average_before": list(os.getloadavg())}
     rows = []
-    # ---- steering vector from 8 + 8 prompts --------------------------------------------------
+    if args.only in (None, "vector"):
+        rows.append(steering_vector_row(args, s, hf, layer))
+    if args.only in (None, "sweep"):
+        rows += sweep_rows(args, s, hf)
+    res["rows"] = rows
+    res["samples_ms"] = dict(SAMPLES)
+    res["torch_threads"] = torch.get_num_threads()
+    res["load_average_after"] = list(os.getloadavg())
+    c.close()
+    srv.close()
+    return res
+
+
+def steering_vector_row(args, s, hf, layer) -> dict:
+    """djinn_nb's steering vector from 8 + 8 prompts against HF hooks and nnsight's trace."""
+    import torch
     v_batch, ms_batch = timed(lambda: s.steering_vector(POS, NEG, layer), args.reps, "sv djinn")
 
     def one_per_prompt():
@@ -230,9 +246,13 @@ def run(args) -> dict:
                 row["nnsight_stop"] = f"not measured: {type(e).__name__}: {str(e)[:200]}"
         except Exception as e:                                 # noqa: BLE001 (reported, not hidden)
             row["nnsight"] = f"not measured: {type(e).__name__}: {str(e)[:200]}"
-    rows.append(row)
     print(row, flush=True)
-    # ---- the exact patching sweep, every layer x position ------------------------------------
+    return row
+
+
+def sweep_rows(args, s, hf) -> list:
+    """The exact patching sweep, attribution patching and a gradient pass against HF hooks."""
+    rows = []
     ids_c, ids_b = s.tokenize(CLEAN), s.tokenize(CORRUPTED)
     answer = [s.tokenize(" Paris")[0], s.tokenize(" Rome")[0]]
     assert len(ids_c) == len(ids_b), (len(ids_c), len(ids_b))
@@ -282,13 +302,7 @@ def run(args) -> dict:
                                             for i in range(s.layers)))}}
     rows.append(row)
     print(row, flush=True)
-    res["rows"] = rows
-    res["samples_ms"] = dict(SAMPLES)
-    res["torch_threads"] = torch.get_num_threads()
-    res["load_average_after"] = list(os.getloadavg())
-    c.close()
-    srv.close()
-    return res
+    return rows
 
 
 def plot(d: dict, name: str, out_dir: Path) -> Path:
@@ -346,11 +360,14 @@ def main(argv=None) -> int:
                     help="layers of the sweep timed one pass per cell (extrapolated to all)")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--smoke", action="store_true", help="tiny-gpt2, 1 rep, no nnsight, no result file")
+    ap.add_argument("--only", choices=["vector", "sweep"], default=None,
+                    help="only the steering-vector row, or only the sweep rows (sweep, attribution, "
+                         "gradient); the JSON goes to a temporary folder, never over bench/results")
     args = ap.parse_args(argv)
     if args.smoke:
         args.model, args.reps, args.old_layers = "tiny-gpt2", 1, 1
     res = off_main_thread(run, args)
-    out_dir = smoke_dir() if args.smoke else RESULTS
+    out_dir = smoke_dir() if args.smoke or args.only else RESULTS
     print("wrote", write_result("analysis_cpu", res, out_dir), plot(res, "analysis_cpu", out_dir))
     return 0
 

@@ -319,6 +319,32 @@ def test_sweep_falls_back_to_whole_prompt_rows(client, kernel, monkeypatch, how)
     s.close()
 
 
+@pytest.mark.parametrize("model", ["tiny-gpt2", "tiny-llama"], indirect=True)
+@pytest.mark.parametrize("how", ["eager_attention", "many_passes_small_calls"])
+def test_incremental_sweep_layouts_equal_whole_prompt_rows(session, kernel, monkeypatch, how):
+    """The flat token calls of the incremental sweep give the whole-prompt grid whatever their
+    layout: with eager attention (an additive 4-D mask instead of a boolean one), and with the
+    cells split over several passes and calls of a few tokens (cells cut at call borders)."""
+    from kernel_server.model import patching
+    loaded, clean, bad, answer = _sweep_setup(session, kernel)
+    layers, positions = list(range(session.layers)), list(range(len(bad)))
+    ref, ref_corrupted = _reference_grid(loaded, clean, bad, "resid", layers, answer, None)
+    previous = loaded.model.config._attn_implementation
+    if how == "eager_attention":
+        assert previous == "sdpa"
+        loaded.model.set_attn_implementation("eager")
+    else:
+        monkeypatch.setattr(patching, "CALL_TOKENS", 7)
+        monkeypatch.setattr(patching, "MAX_STATE_BYTES", 20 * 4 * loaded.hidden_size * loaded.dtype.itemsize)
+    try:
+        out = patching.patch_cells(loaded, clean, bad, "resid", layers, positions, tuple(answer))
+    finally:
+        loaded.model.set_attn_implementation(previous)
+    assert out["method"] == "incremental"
+    np.testing.assert_allclose(np.array(out["metric"]), ref, atol=1e-4, rtol=0)
+    assert out["corrupted"] == pytest.approx(ref_corrupted, abs=1e-4)
+
+
 def test_passes_that_read_early_blocks_stop_there(client, kernel):
     """A steering vector or cache of block 1 computes no later block (stop_after), and its
     numbers equal those of a whole forward."""
