@@ -41,8 +41,20 @@ from kernel_server.model.registry import LoadedModel
 from kernel_server.runtime.hooks import output_tensor
 
 #: a sweep's self-check: the unpatched row's metric within this of the corrupted run's
-#: (relative to max(1, |metric|)); the grid itself agrees with one pass per cell to ~1e-5
+#: (relative to max(1, |metric|)) in float32, where the grid itself agrees with one pass per
+#: cell to ~1e-5; in 16-bit types ``SELF_CHECK_EPS`` units of the type's rounding (bfloat16:
+#: 0.125), since there two computations of one cell by different shapes already differ by
+#: rounding (H200, random Llama-7B bf16: bench/sweep_exact_check.py). A mistake in the
+#: mask or positions moves a metric by about its own size, far over either.
 SELF_CHECK_TOL = 1e-3
+SELF_CHECK_EPS = 16
+
+
+def self_check_tol(dtype: torch.dtype) -> float:
+    """The self-check's relative tolerance for a model computing in ``dtype``."""
+    if dtype in (torch.float32, torch.float64):
+        return SELF_CHECK_TOL
+    return max(SELF_CHECK_TOL, SELF_CHECK_EPS * torch.finfo(dtype).eps)
 #: about the most bytes the cells' hidden states may hold at once (a long prompt's sweep runs
 #: its cells in several passes)
 MAX_STATE_BYTES = 2**30
@@ -408,7 +420,7 @@ def incremental_sweep(loaded: LoadedModel, clean: list[int], corrupted: list[int
                 return None
             for c, value in zip(group, values):
                 if c.layer is None:
-                    if abs(value - corrupted_metric) > SELF_CHECK_TOL * max(1.0, abs(corrupted_metric)):
+                    if abs(value - corrupted_metric) > self_check_tol(loaded.dtype) * max(1.0, abs(corrupted_metric)):
                         return None
                 else:
                     results[(c.layer, c.p)] = value

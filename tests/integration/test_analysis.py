@@ -309,6 +309,7 @@ def test_sweep_falls_back_to_whole_prompt_rows(client, kernel, monkeypatch, how)
         monkeypatch.setattr(patching, "_block_calls", refuse)
     else:
         monkeypatch.setattr(patching, "SELF_CHECK_TOL", -1.0)
+        monkeypatch.setattr(patching, "SELF_CHECK_EPS", -1.0)
     got = patching.patch_cells(loaded, clean, bad, "resid", [0, 1, 2, 3], list(range(len(bad))), (5, 7))
     assert got["method"] == "rows"
     np.testing.assert_allclose(got["metric"], want["metric"], atol=1e-5)
@@ -365,7 +366,7 @@ def test_passes_that_read_early_blocks_stop_there(client, kernel):
     fp = ForwardPass(capture=[(1, "resid")], loaded=loaded)
     for prompt in BATCH[:1]:
         run_batch(loaded, [s.tokenize(prompt)], fp)
-        np.testing.assert_array_equal(c["resid", 1], fp.captured[(1, "resid")][0].float().numpy())
+        np.testing.assert_array_equal(c["resid", 1], fp.captured[(1, "resid")][0].float().cpu().numpy())
     acts = lambda ps: np.mean([s.cache(p, layers=1, reduce="last")["resid", 1] for p in ps], 0)  # noqa: E731
     np.testing.assert_allclose(v, acts(BATCH[:2]) - acts(BATCH[2:]), atol=1e-5)
     assert torch.is_tensor(fp.captured[(1, "resid")][0])
