@@ -162,3 +162,18 @@ def test_batch_rows_check_runs():
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert out["ok"] and out["interrupted_after"] == [2] * out["rows"]
     assert len(out["rows_equal_solo_bitwise"]) == 8
+
+
+def test_sweep_exact_check_runs():
+    """The GPU check of the incremental sweep (bench/sweep_exact_check.py) runs on CPU
+    tiny-gpt2 in bfloat16 against float32: the sweep stays incremental (no fall-back) and its
+    grid is as close to the float32 one as the whole-prompt rows grid."""
+    run = subprocess.run([sys.executable, "bench/sweep_exact_check.py", "--dtype", "bfloat16",
+                          "--reference-dtype", "float32", "--sites", "resid,mlp"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    rows = [json.loads(line) for line in run.stdout.strip().splitlines()]
+    assert [r["site"] for r in rows] == ["resid", "mlp"]
+    for r in rows:
+        assert r["ok"] and r["method"] == "incremental"
+        assert r["incremental_vs_reference"] <= max(1.5 * r["rows_vs_reference"], r["tolerance"])
