@@ -45,6 +45,15 @@ def attend_block(q, q1, k_base, v_base, n, attend, d, d_ok, sk_n, sv_n, scale,
     return m_new, l_i, acc
 
 
+@triton.jit
+def store_part(Opart, Mpart, Lpart, part, g, d, acc, m_i, l_i,
+               G_PAD: tl.constexpr, D_PAD: tl.constexpr):
+    # a split's accumulator, running max and sum, for the combine kernel
+    tl.store(Opart + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], acc)
+    tl.store(Mpart + part * G_PAD + g, m_i)
+    tl.store(Lpart + part * G_PAD + g, l_i)
+
+
 # One compiled binary serves every call of a head shape: the mask is a runtime flag and
 # the integers that change from call to call are not specialised on, so eager decode
 # (a DynamicCache, no mask) and the static cache (a mask) run the very same code.
@@ -89,10 +98,7 @@ def split_kernel(Q, K, V, Mask, First, Last, Opart, Mpart, Lpart,
                 attend = (n >= lo) & (n <= hi)
                 m_i, l_i, acc = attend_block(q, q1, k_base, v_base, n, attend, d, d_ok,
                                              sk_n, sv_n, scale, m_i, l_i, acc, G_PAD)
-            part = bh * SPLITS + split
-            tl.store(Opart + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], acc)
-            tl.store(Mpart + part * G_PAD + g, m_i)
-            tl.store(Lpart + part * G_PAD + g, l_i)
+            store_part(Opart, Mpart, Lpart, bh * SPLITS + split, g, d, acc, m_i, l_i, G_PAD, D_PAD)
     else:
         split = tl.program_id(1)
         m_i = tl.full([G_PAD], float("-inf"), tl.float32)
@@ -110,10 +116,7 @@ def split_kernel(Q, K, V, Mask, First, Last, Opart, Mpart, Lpart,
             if tl.max(attend.to(tl.int32), axis=0) > 0:
                 m_i, l_i, acc = attend_block(q, q1, k_base, v_base, n, attend, d, d_ok,
                                              sk_n, sv_n, scale, m_i, l_i, acc, G_PAD)
-        part = bh * SPLITS + split
-        tl.store(Opart + (part * G_PAD + g)[:, None] * D_PAD + d[None, :], acc)
-        tl.store(Mpart + part * G_PAD + g, m_i)
-        tl.store(Lpart + part * G_PAD + g, l_i)
+        store_part(Opart, Mpart, Lpart, bh * SPLITS + split, g, d, acc, m_i, l_i, G_PAD, D_PAD)
 
 
 @triton.jit
